@@ -1,0 +1,32 @@
+"""Shared test fixtures.
+
+Tests that read the real data in ``../shared/data`` call :func:`shared_path`. In a user's clone without that folder
+they skip with the reason; CI sets ``EXPRESS_REQUIRE_SHARED_DATA=1`` so a missing file fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EXPRESS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_path(name: str) -> Path:
+    """Path of a file or folder in ``../shared/data``; skip (or fail in CI) when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        message = f"needs {path} (the shared real-data folder beside the repository), which is absent"
+        if os.environ.get("EXPRESS_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + "; EXPRESS_REQUIRE_SHARED_DATA=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared():
+    """The :func:`shared_path` helper as a fixture: ``shared("kang2018_pbmc_12261.h5ad")``."""
+    return shared_path

@@ -1,0 +1,317 @@
+"""Rank-token encoding of a chunk of cells.
+
+This is the one implementation of the per-cell encoding (SPEC §1). Tokenization, Geneformer mode and the on-the-fly
+re-tokenization of binomially split counts in pretraining (MCV) all call :func:`rank_encode`.
+
+For each cell (a row of a CSR matrix whose column indices are already vocabulary token ids):
+
+1. normalise every detected gene: ``v_g = x_g / total * target_sum / median_g``;
+2. rank detected genes by ``v_g`` (as float32, the precision it is stored in) descending; ties go to the smaller
+   token id, so the order is deterministic;
+3. keep the top ``top_k``;
+4. sample ``n_zeros`` genes among ``zero_candidates`` that have no count in this cell, without replacement, from a
+   random stream seeded by the cell's own seed (so a cell encodes identically whatever chunk or worker it is in);
+5. optionally prepend ``cls_id`` and append ``eos_id``.
+
+The per-cell loop is compiled with numba: there is no Python-level loop over cells on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_S32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_DOUBLE_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@numba.njit(cache=True, inline="always")
+def _splitmix64(state: np.uint64) -> tuple[np.uint64, np.uint64]:
+    """One step of splitmix64: returns (new_state, output). All arithmetic is uint64 and wraps."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return state, z ^ (z >> _S31)
+
+
+@numba.njit(cache=True)
+def _mix_seeds(seed: np.uint64, keys: np.ndarray) -> np.ndarray:
+    out = np.empty(keys.shape[0], dtype=np.uint64)
+    _, base = _splitmix64(seed)
+    for i in range(keys.shape[0]):
+        _, h = _splitmix64(base ^ keys[i])
+        _, h = _splitmix64(h)
+        out[i] = h
+    return out
+
+
+def mix_seeds(seed: int, keys: np.ndarray) -> np.ndarray:
+    """Per-cell seeds from a global seed and per-cell integer keys (e.g. a cell's row in its file).
+
+    Deterministic and independent of how cells are chunked: the same (seed, key) always gives the same seed.
+    """
+    return _mix_seeds(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.ascontiguousarray(keys, dtype=np.uint64))
+
+
+@dataclass
+class RankTokens:
+    """Ragged token arrays for a chunk of cells: cell ``i`` owns ``[offsets[i], offsets[i + 1])``."""
+
+    input_ids: np.ndarray  # (n_tokens,) int32 token ids
+    values: np.ndarray  # (n_tokens,) float32 normalised expression; 0 for sampled zeros and special tokens
+    is_zero: np.ndarray  # (n_tokens,) int8, 1 for sampled zero-expressed genes
+    offsets: np.ndarray  # (n_cells + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[lo:hi], self.values[lo:hi], self.is_zero[lo:hi]
+
+    def to_lists(self) -> dict[str, list[np.ndarray]]:
+        """Split into one array per cell (what a datasets/Arrow writer or a collator consumes)."""
+        cuts = self.offsets[1:-1]
+        return {
+            "input_ids": np.split(self.input_ids, cuts),
+            "values": np.split(self.values, cuts),
+            "is_zero": np.split(self.is_zero, cuts),
+        }
+
+
+@numba.njit(cache=True)
+def _select_largest(a: np.ndarray, k: int) -> None:
+    """Quickselect in place so that ``a[len(a) - k:]`` holds the k largest values (unordered)."""
+    target = a.shape[0] - k
+    lo, hi = 0, a.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        # median of three as pivot
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return
+
+
+@numba.njit(cache=True)
+def _count_lengths(indptr, indices, data, candidate_mask, n_candidates, top_k, n_zeros):
+    n_cells = indptr.shape[0] - 1
+    n_expr = np.zeros(n_cells, dtype=np.int64)
+    n_zero = np.zeros(n_cells, dtype=np.int64)
+    for i in range(n_cells):
+        detected = 0
+        detected_candidates = 0
+        for j in range(indptr[i], indptr[i + 1]):
+            if data[j] > 0:
+                detected += 1
+                if candidate_mask[indices[j]]:
+                    detected_candidates += 1
+        n_expr[i] = min(detected, top_k)
+        n_zero[i] = min(n_zeros, n_candidates - detected_candidates)
+    return n_expr, n_zero
+
+
+@numba.njit(cache=True)
+def _encode(
+    indptr, indices, data, totals, medians, cell_seeds, candidates, candidate_mask,
+    n_expr, n_zero, offsets, cls_id, eos_id, target_sum, out_ids, out_values, out_zero,
+):
+    n_cells = indptr.shape[0] - 1
+    vocab_size = candidate_mask.shape[0]
+    taken = np.zeros(vocab_size, dtype=np.bool_)  # scratch: genes detected or already sampled in this cell
+    n_cand = candidates.shape[0]
+    max_nnz = 0
+    for i in range(n_cells):
+        max_nnz = max(max_nnz, indptr[i + 1] - indptr[i])
+    keys = np.empty(max_nnz, dtype=np.uint64)
+    val32 = np.zeros(1, dtype=np.float32)
+    bits32 = val32.view(np.uint32)  # reinterpret float32 <-> uint32 through a shared one-element buffer
+    for i in range(n_cells):
+        pos = offsets[i]
+        if cls_id >= 0:
+            out_ids[pos] = cls_id
+            out_values[pos] = 0.0
+            out_zero[pos] = 0
+            pos += 1
+        lo, hi = indptr[i], indptr[i + 1]
+        # One uint64 key per detected gene: the float32 bits of v (monotonic for v > 0) in the high word and the
+        # complemented token id in the low word, so "key descending" means "v descending, then token id ascending".
+        m = 0
+        scale = target_sum / totals[i]
+        for j in range(lo, hi):
+            if data[j] > 0:
+                g = indices[j]
+                val32[0] = np.float32(data[j] * scale / medians[g])
+                keys[m] = (np.uint64(bits32[0]) << _S32) | (_LOW32 - np.uint64(g))
+                m += 1
+        k = n_expr[i]
+        top = keys[:m]
+        if k < m:
+            _select_largest(top, k)  # the k largest keys move to the end, in place
+            top = top[m - k:]
+        top = np.sort(top)
+        for r in range(k):
+            key = top[k - 1 - r]
+            out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
+            bits32[0] = np.uint32(key >> _S32)
+            out_values[pos] = val32[0]
+            out_zero[pos] = 0
+            pos += 1
+        # sample zero-expressed candidates without replacement
+        z = n_zero[i]
+        if z > 0:
+            n_free = n_cand
+            for j in range(lo, hi):
+                if data[j] > 0:
+                    taken[indices[j]] = True
+                    if candidate_mask[indices[j]]:
+                        n_free -= 1
+            state = cell_seeds[i]
+            if 2 * z <= n_free:
+                # rejection sampling: cheap when most candidates are free
+                got = 0
+                while got < z:
+                    state, u = _splitmix64(state)
+                    c = candidates[np.int64((u >> _S11) * _DOUBLE_UNIT * n_cand)]
+                    if not taken[c]:
+                        taken[c] = True
+                        out_ids[pos] = c
+                        out_values[pos] = 0.0
+                        out_zero[pos] = 1
+                        pos += 1
+                        got += 1
+            else:
+                # few free candidates: partial Fisher-Yates over the free list
+                free = np.empty(n_free, dtype=np.int64)
+                f = 0
+                for r in range(n_cand):
+                    if not taken[candidates[r]]:
+                        free[f] = candidates[r]
+                        f += 1
+                for r in range(z):
+                    state, u = _splitmix64(state)
+                    s = r + np.int64((u >> _S11) * _DOUBLE_UNIT * (n_free - r))
+                    tmp = free[r]
+                    free[r] = free[s]
+                    free[s] = tmp
+                    taken[free[r]] = True
+                    out_ids[pos] = free[r]
+                    out_values[pos] = 0.0
+                    out_zero[pos] = 1
+                    pos += 1
+            # reset the scratch for the next cell
+            for j in range(lo, hi):
+                taken[indices[j]] = False
+            for p in range(pos - z, pos):
+                taken[out_ids[p]] = False
+        if eos_id >= 0:
+            out_ids[pos] = eos_id
+            out_values[pos] = 0.0
+            out_zero[pos] = 0
+            pos += 1
+
+
+def rank_encode(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    totals: np.ndarray,
+    medians: np.ndarray,
+    *,
+    top_k: int,
+    n_zeros: int = 0,
+    zero_candidates: np.ndarray | None = None,
+    cell_seeds: np.ndarray | None = None,
+    cls_id: int | None = None,
+    eos_id: int | None = None,
+    target_sum: float = 10_000.0,
+) -> RankTokens:
+    """Encode a CSR chunk of cells as rank tokens.
+
+    Args:
+        indptr, indices, data: the chunk in CSR form; ``indices`` are vocabulary token ids (genes outside the
+            vocabulary already removed), ``data`` raw counts (entries <= 0 are ignored).
+        totals: ``(n_cells,)`` library size of each cell over *all* its genes, in or out of the vocabulary.
+        medians: ``(vocab_size,)`` normalisation factor per token id (the gene's non-zero median); must be > 0
+            wherever a token id occurs in ``indices``.
+        top_k: how many detected genes to keep per cell, highest normalised value first.
+        n_zeros: how many zero-count genes to sample per cell (fewer if the cell has fewer free candidates).
+        zero_candidates: token ids eligible as sampled zeros (e.g. all vocabulary genes measured in this file).
+        cell_seeds: ``(n_cells,)`` uint64 seed per cell (see :func:`mix_seeds`); required when ``n_zeros > 0``.
+        cls_id, eos_id: optional special tokens placed first / last.
+        target_sum: the library size cells are scaled to before dividing by the median (10,000 as Geneformer).
+
+    Returns:
+        :class:`RankTokens` holding ``<cls>``, the ranked detected genes, the sampled zeros and ``<eos>`` per cell.
+    """
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    data = np.ascontiguousarray(data, dtype=np.float64)
+    totals = np.ascontiguousarray(totals, dtype=np.float64)
+    medians = np.ascontiguousarray(medians, dtype=np.float64)
+    n_cells = len(indptr) - 1
+    if totals.shape != (n_cells,):
+        raise ValueError(f"totals has shape {totals.shape}, expected ({n_cells},)")
+    if top_k < 0 or n_zeros < 0:
+        raise ValueError(f"top_k and n_zeros must be >= 0, got {top_k} and {n_zeros}")
+    if n_cells and np.any(totals[np.diff(indptr) > 0] <= 0):
+        raise ValueError("every cell with detected genes needs a positive total count")
+    vocab_size = len(medians)
+    if len(indices) and (indices.min() < 0 or indices.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{indices.min()}, {indices.max()}]")
+    if n_zeros > 0:
+        if zero_candidates is None or cell_seeds is None:
+            raise ValueError("n_zeros > 0 needs zero_candidates and cell_seeds")
+        candidates = np.unique(np.asarray(zero_candidates, dtype=np.int64))
+        seeds = np.ascontiguousarray(cell_seeds, dtype=np.uint64)
+        if seeds.shape != (n_cells,):
+            raise ValueError(f"cell_seeds has shape {seeds.shape}, expected ({n_cells},)")
+    else:
+        candidates = np.zeros(0, dtype=np.int64)
+        seeds = np.zeros(n_cells, dtype=np.uint64)
+    candidate_mask = np.zeros(vocab_size, dtype=np.bool_)
+    candidate_mask[candidates] = True
+
+    n_expr, n_zero = _count_lengths(indptr, indices, data, candidate_mask, len(candidates), top_k, n_zeros)
+    n_extra = int(cls_id is not None) + int(eos_id is not None)
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(n_expr + n_zero + n_extra, out=offsets[1:])
+    n_tokens = int(offsets[-1])
+    out_ids = np.empty(n_tokens, dtype=np.int32)
+    out_values = np.empty(n_tokens, dtype=np.float32)
+    out_zero = np.empty(n_tokens, dtype=np.int8)
+    _encode(
+        indptr, indices, data, totals, medians, seeds, candidates, candidate_mask, n_expr, n_zero, offsets,
+        -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
+        out_ids, out_values, out_zero,
+    )
+    return RankTokens(out_ids, out_values, out_zero, offsets)
