@@ -315,3 +315,20 @@ def rank_encode(
         out_ids, out_values, out_zero,
     )
     return RankTokens(out_ids, out_values, out_zero, offsets)
+
+
+def encode_count_rows(
+    counts_ids: list[np.ndarray],
+    counts: list[np.ndarray],
+    totals: np.ndarray,
+    medians: np.ndarray,
+    **kwargs,
+) -> RankTokens:
+    """:func:`rank_encode` for cells given as ragged rows (token ids and counts per cell), e.g. a dataset's kept
+    counts after a binomial split (MCV). ``kwargs`` are those of :func:`rank_encode`."""
+    lengths = np.fromiter((len(r) for r in counts_ids), dtype=np.int64, count=len(counts_ids))
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = np.concatenate(counts_ids) if len(counts_ids) else np.zeros(0, dtype=np.int64)
+    data = np.concatenate(counts) if len(counts) else np.zeros(0)
+    return rank_encode(indptr, indices, data, np.asarray(totals, dtype=np.float64), medians, **kwargs)
