@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
+from .configuration_express import ExpressConfig
 from .likelihoods import log_nb, log_zinb
+from .modeling_express import ExpressModel, ExpressPreTrainedModel
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -442,3 +445,251 @@ class VAEHead(nn.Module):
             log_ws.append(terms["reconstruction"] + terms["prior"] - self.posterior.log_prob(z, loc, scale_tril))
         log_w = torch.cat(log_ws, dim=0)
         return torch.logsumexp(log_w, dim=0) - math.log(n_samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Hugging Face models
+# ---------------------------------------------------------------------------------------------------------------------
+ENCODERS = ("transformer", "mlp")
+PROTEIN_HEADS = ("regression", "nb")
+
+
+@dataclass
+class HeadSettings:
+    """Settings of the fine-tuning heads, stored on :class:`ExpressConfig` as the extra dict ``config.head``.
+
+    Cell-type names live in the standard ``config.id2label``.
+
+    Args:
+        encoder: ``"transformer"`` (the pretrained ``ExpressModel``; its pooled output is the cell embedding) or
+            ``"mlp"`` (an MLP on ``log1p(counts / library * 1e4)`` of ``input_genes``).
+        input_genes: the MLP encoder's genes, in input order.
+        mlp_hidden, mlp_layers, dropout: the MLP encoder (and the dropout before every head).
+        decoder_genes: genes the VAE decoder reconstructs.
+        n_latent, decoder_hidden, decoder_layers, covariance, likelihood, dispersion, prior: see :class:`VAEHead`.
+        label_parents: coarse type per cell type (hyperprior over the mixture means), or ``None``.
+        hyper_scale: standard deviation of the hyperprior.
+        batch_categories: the training batches, in one-hot order (empty: no batch conditioning).
+        proteins: protein names (ADT), in output order.
+        protein_head: ``"regression"`` (MLP on the embedding, squared error on normalised levels) or ``"nb"`` (NB
+            decoder from the VAE latent over protein counts).
+        protein_norm: normalisation of protein levels (see ``finetune.data.normalize_proteins``).
+        protein_reference: per-protein reference of that normalisation, fitted on the training cells.
+    """
+
+    encoder: str = "mlp"
+    input_genes: list[str] = field(default_factory=list)
+    mlp_hidden: int = 256
+    mlp_layers: int = 2
+    dropout: float = 0.1
+    decoder_genes: list[str] = field(default_factory=list)
+    n_latent: int = 16
+    decoder_hidden: int = 128
+    decoder_layers: int = 1
+    covariance: str = "diagonal"
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    prior: str = "normal"
+    label_parents: list[int] | None = None
+    hyper_scale: float = 1.0
+    batch_categories: list[str] = field(default_factory=list)
+    proteins: list[str] = field(default_factory=list)
+    protein_head: str = "regression"
+    protein_norm: str = "clr"
+    protein_reference: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "mlp" and not self.input_genes:
+            raise ValueError("the MLP encoder needs its input gene list (HeadSettings.input_genes)")
+        if self.protein_head not in PROTEIN_HEADS:
+            raise ValueError(f"protein_head must be one of {PROTEIN_HEADS}, got {self.protein_head!r}")
+
+    @classmethod
+    def from_config(cls, config: ExpressConfig) -> HeadSettings:
+        stored = getattr(config, "head", None)
+        if not isinstance(stored, dict):
+            raise ValueError(
+                "this config has no fine-tuning head settings (config.head); build one with "
+                "ExpressConfig(..., head=asdict(HeadSettings(...))) or fine-tune with finetune/run.py"
+            )
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProteinRegressionOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None  # (B, P) normalised protein levels
+
+
+class ExpressFinetunePreTrainedModel(ExpressPreTrainedModel):
+    """Base of the fine-tuning heads: builds the cell encoder named by ``config.head["encoder"]`` under the
+    ``express`` prefix (so ``from_pretrained`` on a pretraining checkpoint loads the transformer's weights) and
+    initialises the head parameters that are not plain layers."""
+
+    def __init__(self, config: ExpressConfig) -> None:
+        super().__init__(config)
+        self.settings = HeadSettings.from_config(config)
+        if self.settings.encoder == "transformer":
+            self.express: nn.Module = ExpressModel(config)
+            self.embedding_size = config.hidden_size
+        else:
+            s = self.settings
+            self.express = MLPCellEncoder(len(s.input_genes), s.mlp_hidden, s.mlp_layers, s.dropout)
+            self.embedding_size = s.mlp_hidden
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, GaussianMixturePrior):
+            init.normal_(module.means, mean=0.0, std=1.0)
+            init.zeros_(module.log_scales)
+            init.zeros_(module.logits)
+            if module.parents is not None:
+                init.zeros_(module.parent_means)
+        elif isinstance(module, GaussianPosterior) and module.covariance == "full":
+            init.zeros_(module.off_diagonal.weight)
+            init.zeros_(module.off_diagonal.bias)
+        elif isinstance(module, CountDecoder):
+            init.zeros_(module.log_theta)
+
+    def embed(
+        self, input_ids: torch.Tensor | None = None, values: torch.Tensor | None = None,
+        is_zero: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        log_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The cell embedding (B, H): the transformer's pooled output, or the MLP encoder's output."""
+        if self.settings.encoder == "transformer":
+            if input_ids is None:
+                raise ValueError("the transformer encoder needs tokenized cells (input_ids, values, is_zero)")
+            out = self.express(input_ids, values=values, is_zero=is_zero, attention_mask=attention_mask)
+            return out.pooler_output
+        if log_counts is None:
+            raise ValueError("the MLP encoder needs log_counts (log1p(counts / library * 1e4) of its input genes)")
+        return self.express(log_counts)
+
+    def freeze_encoder(self, layers: int | None = None) -> None:
+        """Freeze the whole encoder (``layers=None``) or the transformer's embeddings and its lowest ``layers``."""
+        if layers is None:
+            self.express.requires_grad_(False)
+            return
+        if self.settings.encoder != "transformer":
+            raise ValueError("freezing the lower N layers applies to the transformer encoder only")
+        if not 0 <= layers <= self.config.num_hidden_layers:
+            raise ValueError(f"layers must lie in [0, {self.config.num_hidden_layers}], got {layers}")
+        if layers > 0:
+            self.express.embeddings.requires_grad_(False)
+            for layer in self.express.layers[:layers]:
+                layer.requires_grad_(False)
+
+
+class ExpressForCellTypes(ExpressFinetunePreTrainedModel):
+    """Cell-type classifier: dropout and a linear layer on the cell embedding (either encoder)."""
+
+    def __init__(self, config: ExpressConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(f"a cell-type classifier needs at least 2 classes, got num_labels={config.num_labels}")
+        self.dropout = nn.Dropout(self.settings.dropout)
+        self.classifier = nn.Linear(self.embedding_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs) -> SequenceClassifierOutput:
+        """``inputs``: those of :meth:`embed`; ``labels`` (B,) class ids, -100 = unlabelled (ignored)."""
+        logits = self.classifier(self.dropout(self.embed(**inputs)))  # (B, C)
+        loss = None
+        if labels is not None and bool((labels >= 0).any()):
+            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class ExpressForProteinRegression(ExpressFinetunePreTrainedModel):
+    """Surface-protein levels (normalised, see ``HeadSettings.protein_norm``) regressed on the cell embedding."""
+
+    def __init__(self, config: ExpressConfig) -> None:
+        super().__init__(config)
+        n_proteins = len(self.settings.proteins)
+        if n_proteins < 1:
+            raise ValueError("protein regression needs the protein names (HeadSettings.proteins)")
+        hidden = self.settings.decoder_hidden
+        self.regressor = nn.Sequential(
+            nn.Dropout(self.settings.dropout), nn.Linear(self.embedding_size, hidden), nn.GELU(),
+            nn.Linear(hidden, n_proteins),
+        )
+        self.post_init()
+
+    def forward(self, protein_targets: torch.Tensor | None = None, **inputs) -> ProteinRegressionOutput:
+        predictions = self.regressor(self.embed(**inputs))  # (B, P)
+        loss = F.mse_loss(predictions.float(), protein_targets.float()) if protein_targets is not None else None
+        return ProteinRegressionOutput(loss=loss, predictions=predictions)
+
+
+class ExpressForVAE(ExpressFinetunePreTrainedModel):
+    """VAE/IWAE on the cell embedding (:class:`VAEHead`); with ``HeadSettings.proteins`` and ``protein_head="nb"``
+    also the multimodal VAE whose latent decodes protein counts. With the mixture prior and ``config.id2label`` the
+    components are the cell types and ``label_log_probs`` classify cells."""
+
+    def __init__(self, config: ExpressConfig) -> None:
+        super().__init__(config)
+        s = self.settings
+        if not s.decoder_genes:
+            raise ValueError("the VAE needs the decoder's gene list (HeadSettings.decoder_genes)")
+        n_labels = len(config.id2label) if s.prior == "mixture" else 0
+        if s.prior == "mixture" and n_labels < 1:
+            raise ValueError("the mixture prior needs its components: pass id2label (cell types) or num_labels")
+        self.vae = VAEHead(
+            self.embedding_size, len(s.decoder_genes), s.n_latent, len(s.batch_categories), s.decoder_hidden,
+            s.decoder_layers, s.covariance, s.likelihood, s.dispersion, s.prior, n_labels, s.label_parents,
+            s.hyper_scale, len(s.proteins) if s.protein_head == "nb" else 0, s.dropout,
+        )
+        self.post_init()
+
+    def forward(
+        self, counts: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, proteins: torch.Tensor | None = None, *, objective: str = "elbo",
+        n_samples: int = 1, dreg: bool = True, kl_weight: float = 1.0, classification_weight: float = 1.0,
+        n_obs: int | None = None, **inputs,
+    ) -> VAELoss:
+        """``inputs``: those of :meth:`embed`; the rest: see :meth:`VAEHead.loss`."""
+        return self.vae.loss(
+            self.embed(**inputs), counts, library, batch_index if self.vae.decoder.n_batch else None, labels,
+            proteins, n_samples=n_samples, objective=objective, dreg=dreg, kl_weight=kl_weight,
+            classification_weight=classification_weight, n_obs=n_obs,
+        )
+
+    @torch.no_grad()
+    def latent(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean (B, D) and, with the mixture prior, ``log p(c | z = mean)`` (B, C) (else None)."""
+        loc, _ = self.vae.posterior(self.embed(**inputs))
+        return loc, self.vae.prior.classify(loc) if self.vae.is_mixture else None
+
+    @torch.no_grad()
+    def sample_proteins(
+        self, batch_index: torch.Tensor | None = None, n_samples: int = 64, generator: torch.Generator | None = None,
+        **inputs,
+    ) -> torch.Tensor:
+        """Posterior-predictive protein counts (S, B, P): ``z ~ q(z|x)``, then ``NB(mu(z), theta)``."""
+        if self.vae.protein_decoder is None:
+            raise ValueError("this VAE has no protein decoder (fine-tune with --task adt --protein_head nb)")
+        loc, scale_tril = self.vae.posterior(self.embed(**inputs))
+        eps = torch.randn(n_samples, *loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        z = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        params = self.vae.protein_decoder(z, batch_index if self.vae.decoder.n_batch else None)
+        mu, theta = params["mu"].double(), params["theta"].double()
+        # NB as a Gamma-Poisson mixture: rate ~ Gamma(theta, theta / mu), x ~ Poisson(rate)
+        rate = torch._standard_gamma(theta.expand_as(mu).contiguous()) * (mu / theta)
+        return torch.poisson(rate, generator=generator).float()
+
+    @torch.no_grad()
+    def marginal_log_likelihood(
+        self, counts: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None = None,
+        n_samples: int = 100, **inputs,
+    ) -> torch.Tensor:
+        return self.vae.marginal_log_likelihood(
+            self.embed(**inputs), counts, library, batch_index if self.vae.decoder.n_batch else None, n_samples
+        )
