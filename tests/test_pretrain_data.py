@@ -1,0 +1,453 @@
+"""Data pieces of pretraining: dataset loading and vocabulary checks, held-out split, length-grouped sharded batches,
+and the collator (padding, MLM masking, MCV split and re-tokenization, count targets).
+
+``make_tokenized_dataset`` writes a small synthetic tokenized dataset following the tokenizer's data contract; the
+other pretraining tests import it from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from pretrain.data import (
+    IGNORE_INDEX,
+    CellDataset,
+    DatasetFormatError,
+    EncodingParams,
+    ExpressCollator,
+    LengthGroupedBatchSampler,
+    VocabularyMismatchError,
+    load_corpus,
+    open_tokenized_dataset,
+    split_held_out,
+)
+from tokenizer import GeneVocab, encode_count_rows, mix_seeds, rank_encode
+
+CELL_TYPES = ("T", "B", "NK", "Mono")
+
+
+def make_vocab(n_genes: int = 40, *, prefix: str = "G", seed: int = 0) -> GeneVocab:
+    rng = np.random.default_rng(seed)
+    return GeneVocab(
+        gene_ids=[f"{prefix}{i}" for i in range(n_genes)],
+        medians=rng.uniform(0.5, 4.0, n_genes) * 10_000 / 200,
+        n_cells=rng.integers(5, 100, n_genes),
+        zero_fraction=rng.uniform(0.1, 0.9, n_genes),
+        group_ids=np.stack([1 + np.arange(n_genes) % 5, 1 + np.arange(n_genes) % 2], axis=1),
+    )
+
+
+def make_counts(n_cells: int, n_genes: int, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts with a gene program per cell type (so there is something to learn) and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(CELL_TYPES), n_cells)
+    rates = rng.gamma(0.6, 1.5, size=(len(CELL_TYPES), n_genes))
+    for c in range(len(CELL_TYPES)):
+        rates[c, c::len(CELL_TYPES)] *= 6.0
+    depth = rng.uniform(0.5, 2.0, n_cells)[:, None]
+    counts = rng.poisson(rates[labels] * depth)
+    return sp.csr_matrix(counts.astype(np.int32)), labels
+
+
+def make_tokenized_dataset(path: Path, *, n_cells: int = 48, vocab: GeneVocab | None = None, seed: int = 0,
+                           top_k: int = 12, n_zeros: int = 4, keep_counts: bool = True) -> Path:
+    """A tokenized dataset folder as ``express-tokenize tokenize --keep_counts --obs_keys cell_type`` writes it."""
+    vocab = vocab or make_vocab()
+    X, labels = make_counts(n_cells, vocab.n_genes, seed)
+    rng = np.random.default_rng(seed + 1)
+    outside = rng.integers(0, 30, n_cells)  # counts of genes outside the vocabulary
+    totals = np.asarray(X.sum(axis=1)).ravel() + outside + 1.0
+    token_ids = X.indices + vocab.n_special
+    tokens = rank_encode(X.indptr, token_ids, X.data, totals, vocab.token_medians, top_k=top_k, n_zeros=n_zeros,
+                         zero_candidates=vocab.gene_token_ids, cell_seeds=mix_seeds(seed, np.arange(n_cells)),
+                         cls_id=vocab.cls_id)
+    lists = tokens.to_lists()
+    columns = {
+        "input_ids": lists["input_ids"],
+        "values": lists["values"],
+        "is_zero": lists["is_zero"],
+        "length": tokens.lengths,
+        "total_counts": totals.astype(np.float64),
+        "cell_id": [f"cell{i}" for i in range(n_cells)],
+        "source": ["synthetic"] * n_cells,
+        "cell_type": [CELL_TYPES[i] for i in labels],
+        "label": labels.astype(np.int64),
+    }
+    features = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "values": datasets.List(datasets.Value("float32")),
+        "is_zero": datasets.List(datasets.Value("int8")),
+        "length": datasets.Value("int32"),
+        "total_counts": datasets.Value("float64"),
+        "cell_id": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "cell_type": datasets.Value("string"),
+        "label": datasets.Value("int64"),
+    }
+    if keep_counts:
+        columns["counts_ids"] = [token_ids[X.indptr[i]:X.indptr[i + 1]] for i in range(n_cells)]
+        columns["counts"] = [X.data[X.indptr[i]:X.indptr[i + 1]] for i in range(n_cells)]
+        features["counts_ids"] = datasets.List(datasets.Value("int32"))
+        features["counts"] = datasets.List(datasets.Value("int32"))
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    ds.save_to_disk(str(path))
+    vocab.save(path)
+    manifest = {
+        "mode": "express",
+        "params": {"top_k": top_k, "n_zeros": n_zeros, "seed": seed, "target_sum": 10_000.0},
+        "inputs": ["synthetic"],
+        "counts": {"n_cells": n_cells},
+        "vocab_fingerprint": vocab.fingerprint(),
+    }
+    (Path(path) / "manifest.json").write_text(json.dumps(manifest))
+    return Path(path)
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    vocab = make_vocab()
+    a = make_tokenized_dataset(tmp_path / "a", n_cells=60, vocab=vocab, seed=1)
+    b = make_tokenized_dataset(tmp_path / "b", n_cells=30, vocab=vocab, seed=2, top_k=8, n_zeros=6)
+    return a, b, vocab
+
+
+# --- loading and vocabulary checks --------------------------------------------------------------------------------
+
+
+def test_load_corpus_splits_each_dataset_deterministically(two_datasets):
+    a, b, vocab = two_datasets
+    corpus = load_corpus([a, b], eval_fraction=0.1, seed=3, require_counts=True)
+    assert corpus.vocab.fingerprint() == vocab.fingerprint()
+    assert corpus.train.part_sizes == [54, 27] and corpus.eval.part_sizes == [6, 3]
+    for part in range(2):
+        train, held = set(corpus.train.rows[part]), set(corpus.eval.rows[part])
+        assert not train & held and len(train | held) == (60, 30)[part]
+    again = load_corpus([a, b], eval_fraction=0.1, seed=3)
+    other = load_corpus([a, b], eval_fraction=0.1, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(corpus.eval.rows, again.eval.rows))
+    assert not all(np.array_equal(x, y) for x, y in zip(corpus.eval.rows, other.eval.rows))
+    assert [e.top_k for e in corpus.encodings] == [12, 8] and [e.n_zeros for e in corpus.encodings] == [4, 6]
+
+
+def test_split_held_out_bounds():
+    train, held = split_held_out(100, 0.05, 0)
+    assert len(held) == 5 and len(train) == 95
+    assert len(split_held_out(10, 0.01, 0)[1]) == 1  # at least one held-out cell when asked for some
+    assert len(split_held_out(100, 0.5, 0, max_cells=7)[1]) == 7
+    assert len(split_held_out(100, 0.0, 0)[1]) == 0
+    with pytest.raises(ValueError, match="fraction"):
+        split_held_out(10, 1.0, 0)
+
+
+def test_mismatched_vocabularies_are_refused(tmp_path):
+    a = make_tokenized_dataset(tmp_path / "a", vocab=make_vocab(40))
+    b = make_tokenized_dataset(tmp_path / "b", vocab=make_vocab(40, prefix="ENSG"))
+    with pytest.raises(VocabularyMismatchError, match=r"vocabularies differ.*/a: .*/b: .*--stats SAME_DIR"):
+        load_corpus([a, b])
+
+
+def test_missing_vocabulary_or_manifest_is_a_clear_error(tmp_path):
+    a = make_tokenized_dataset(tmp_path / "a")
+    (a / "vocab.json").unlink()
+    with pytest.raises(VocabularyMismatchError, match="has no vocabulary.*vocab.json"):
+        open_tokenized_dataset(a)
+    b = make_tokenized_dataset(tmp_path / "b")
+    (b / "manifest.json").unlink()
+    with pytest.raises(DatasetFormatError, match="no manifest.json"):
+        open_tokenized_dataset(b)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_tokenized_dataset(tmp_path / "nowhere")
+
+
+def test_manifest_fingerprint_must_match_vocabulary_files(tmp_path):
+    a = make_tokenized_dataset(tmp_path / "a")
+    make_vocab(40, seed=0, prefix="X").save(a)  # vocabulary swapped after tokenization
+    with pytest.raises(VocabularyMismatchError, match="modified after tokenization"):
+        open_tokenized_dataset(a)
+
+
+def test_mcv_needs_kept_counts(tmp_path):
+    a = make_tokenized_dataset(tmp_path / "a", keep_counts=False)
+    with pytest.raises(DatasetFormatError, match="--keep_counts"):
+        load_corpus([a], require_counts=True)
+
+
+def test_cell_dataset_rows_match_the_arrow_rows(two_datasets):
+    a, b, _ = two_datasets
+    corpus = load_corpus([a, b], eval_fraction=0.1, seed=0, columns=["label"])
+    hf_b = datasets.load_from_disk(str(b))
+    index = corpus.train.part_sizes[0] + 5  # sixth training cell of b
+    part, row = corpus.train.locate(index)
+    assert part == 1 and row == corpus.train.rows[1][5]
+    item = corpus.train[(index, 1234)]
+    reference = hf_b[row]
+    assert item["input_ids"].tolist() == reference["input_ids"]
+    np.testing.assert_array_equal(item["values"], np.asarray(reference["values"], dtype=np.float32))
+    assert item["counts"].tolist() == reference["counts"] and item["label"] == reference["label"]
+    assert item["total_counts"] == reference["total_counts"] and item["sample_seed"] == 1234
+    assert item["dataset_index"] == 1
+    assert corpus.train.lengths[index] == reference["length"]
+    with pytest.raises(IndexError):
+        corpus.train[len(corpus.train)]
+
+
+# --- batching ----------------------------------------------------------------------------------------------------
+
+
+def _flatten(batches):
+    return [i for b in batches for i, _ in b]
+
+
+def test_sampler_is_deterministic_and_covers_every_cell_once():
+    lengths = np.random.default_rng(0).integers(5, 300, 103)
+    sampler = LengthGroupedBatchSampler(lengths, 8, seed=1, drop_last=False)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert sorted(_flatten(first)) == list(range(103))
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert _flatten(list(sampler)) != _flatten(first)
+    seeds = [s for b in first for _, s in b]
+    assert len(set(seeds)) == 103  # one seed per visit
+    # drop_last: only full batches
+    full = LengthGroupedBatchSampler(lengths, 8, seed=1)
+    assert all(len(b) == 8 for b in full) and len(full) == 12
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(0).integers(5, 300, 800)
+
+    def padded(group):
+        sampler = LengthGroupedBatchSampler(lengths, 16, seed=0, group_by_length=group)
+        return sum(16 * max(lengths[i] for i, _ in b) for b in sampler)
+
+    assert padded(True) < 0.6 * padded(False)
+
+
+def test_sampler_shards_disjointly_and_matches_one_process():
+    lengths = np.random.default_rng(0).integers(5, 300, 100)
+    one = list(LengthGroupedBatchSampler(lengths, 4, seed=5))
+    ranks = [list(LengthGroupedBatchSampler(lengths, 4, seed=5, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 12  # 25 batches cut to an even 24
+    assert not set(_flatten(ranks[0])) & set(_flatten(ranks[1]))
+    interleaved = [b for pair in zip(*ranks) for b in pair]
+    assert interleaved == one[:24]  # same cells, same seeds, same order as one process
+
+
+def test_sampler_resumes_mid_epoch():
+    lengths = np.arange(64)
+    sampler = LengthGroupedBatchSampler(lengths, 4, seed=0)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=5)
+    assert list(sampler) == full[5:] and len(sampler) == len(full) - 5
+
+
+def test_weighted_mixing_draws_datasets_in_proportion():
+    sizes = [100, 20]
+    lengths = np.full(sum(sizes), 10)
+    sampler = LengthGroupedBatchSampler(lengths, 10, part_sizes=sizes, weights=[1.0, 1.0], seed=0)
+    cells = _flatten(list(sampler))
+    from_small = sum(i >= 100 for i in cells)
+    assert from_small == 60  # half of the 120-cell epoch from the 20-cell dataset: each of its cells 3 times
+    assert len(set(i for i in cells if i >= 100)) == 20
+    with pytest.raises(ValueError, match="weights"):
+        LengthGroupedBatchSampler(lengths, 10, part_sizes=sizes, weights=[1.0])
+
+
+def test_sampler_refuses_too_little_data():
+    with pytest.raises(ValueError, match="no full batch"):
+        LengthGroupedBatchSampler(np.ones(5), 4, num_replicas=2)
+
+
+# --- collator ----------------------------------------------------------------------------------------------------
+
+
+def _rows(corpus, n, seed0=0):
+    return [corpus.train[(i, seed0 + i)] for i in range(n)]
+
+
+def test_collator_pads_dynamically(two_datasets):
+    a, b, vocab = two_datasets
+    corpus = load_corpus([b], eval_fraction=0.0)
+    rows = _rows(corpus, 5)
+    lengths = [len(r["input_ids"]) for r in rows]
+    batch = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=8)(rows)
+    T = batch["input_ids"].shape[1]
+    assert T == -(-max(lengths) // 8) * 8
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["input_ids"].dtype == torch.long and batch["values"].dtype == torch.float32
+    for i, r in enumerate(rows):
+        assert batch["input_ids"][i, :lengths[i]].tolist() == r["input_ids"].tolist()
+        assert (batch["input_ids"][i, lengths[i]:] == vocab.pad_id).all()
+        assert (batch["values"][i, lengths[i]:] == 0).all()
+    assert "labels" not in batch
+    unpadded = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=None)(rows)
+    assert unpadded["input_ids"].shape[1] == max(lengths)
+    short = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=None, max_length=5)(rows)
+    assert short["input_ids"].shape[1] == 5 and (short["input_ids"][:, 0] == vocab.cls_id).all()
+
+
+def test_mlm_masking_rates_and_rules(tmp_path):
+    vocab = make_vocab(300)
+    path = make_tokenized_dataset(tmp_path / "big", n_cells=400, vocab=vocab, top_k=120, n_zeros=20)
+    corpus = load_corpus([path], eval_fraction=0.0)
+    rows = _rows(corpus, 400)
+    original = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=None)(rows)["input_ids"]
+    batch = ExpressCollator(vocab, mlm_probability=0.15, pad_to_multiple_of=None)(rows)
+    labels, ids = batch["labels"], batch["input_ids"]
+    chosen = labels != IGNORE_INDEX
+    detected = (original >= vocab.n_special) & (batch["is_zero"] == 0)
+    assert not (chosen & ~detected).any()  # never <cls>, padding or sampled zeros
+    assert torch.equal(labels[chosen], original[chosen])
+    rate = chosen.sum().item() / detected.sum().item()
+    assert 0.14 < rate < 0.165
+    masked = chosen & (ids == vocab.mask_id)
+    kept = chosen & (ids == original)
+    replaced = chosen & ~masked & ~kept
+    n = chosen.sum().item()
+    assert abs(masked.sum().item() / n - 0.8) < 0.03
+    assert abs(replaced.sum().item() / n - 0.1) < 0.03  # (a random gene can equal the original: folded into kept)
+    assert (ids[replaced] >= vocab.n_special).all() and (ids[replaced] < vocab.vocab_size).all()
+    assert (batch["values"][masked] == 0).all()
+    assert torch.equal(ids[~chosen], original[~chosen])
+    heavier = ExpressCollator(vocab, mlm_probability=0.3, pad_to_multiple_of=None)(rows)["labels"]
+    assert 0.28 < (heavier != IGNORE_INDEX).sum().item() / detected.sum().item() < 0.32
+    with_zeros = ExpressCollator(vocab, mlm_probability=0.15, mask_sampled_zeros=True)(rows)
+    assert ((with_zeros["labels"] != IGNORE_INDEX) & (with_zeros["is_zero"] == 1)).any()
+
+
+def test_masking_depends_only_on_the_sample_seed(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    collator = ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=corpus.encodings)
+    rows = _rows(corpus, 6)
+    whole = collator(rows)
+    alone = collator(rows[3:4])  # same cell visit in another batch
+    t = alone["attention_mask"].sum().item()
+    for key in ("input_ids", "values", "labels"):
+        assert torch.equal(whole[key][3, :t], alone[key][0, :t])
+    assert torch.equal(whole["mcv_counts"][3], alone["mcv_counts"][0])
+    revisit = collator(_rows(corpus, 6, seed0=100))
+    assert not torch.equal(revisit["mcv_counts"], whole["mcv_counts"])
+
+
+def test_fallback_generator_state_round_trips(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    rows = [{k: v for k, v in r.items() if k != "sample_seed"} for r in _rows(corpus, 8)]
+    collator = ExpressCollator(vocab, seed=7)
+    state = collator.state_dict()
+    first = collator(rows)
+    second = collator(rows)
+    assert not torch.equal(first["labels"], second["labels"])
+    collator.load_state_dict(state)
+    assert torch.equal(collator(rows)["labels"], first["labels"])
+
+
+def test_mcv_split_and_retokenization(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    rows = _rows(corpus, 20)
+    collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.4, pad_to_multiple_of=None,
+                               encodings=corpus.encodings)
+    batch = collator(rows)
+    held = batch["mcv_counts"]
+    assert held.shape == (20, vocab.vocab_size) and held.dtype == torch.float32
+    enc = corpus.encodings[0]
+    for i, row in enumerate(rows):
+        x = np.zeros(vocab.vocab_size)
+        x[row["counts_ids"]] = row["counts"]
+        x_in = x - held[i].numpy()
+        assert (held[i].numpy() >= 0).all() and (x_in >= 0).all()  # x'' <= x
+        assert held[i][x == 0].sum() == 0
+        outside = round(row["total_counts"]) - x.sum()
+        library_in = row["total_counts"] - x.sum() - outside + x_in.sum()  # kept counts inside the vocabulary
+        # library sizes: held-out + input = total (the out-of-vocabulary part is split too)
+        assert 0 <= batch["mcv_library_size"][i].item() - held[i].sum().item() <= outside
+        total_in = row["total_counts"] - batch["mcv_library_size"][i].item()
+        # the input is the same encoder run on x' (one implementation of the encoding)
+        ids = np.flatnonzero(x_in)
+        expected = encode_count_rows([ids], [x_in[ids]], np.array([max(total_in, 1.0)]), vocab.token_medians,
+                                     top_k=enc.top_k, n_zeros=0, cls_id=vocab.cls_id)
+        t = batch["attention_mask"][i].sum().item()
+        got_ids = batch["input_ids"][i, :t].numpy()
+        got_zero = batch["is_zero"][i, :t].numpy()
+        detected = got_ids[got_zero == 0]
+        assert detected.tolist() == expected.input_ids.tolist()
+        np.testing.assert_allclose(batch["values"][i, :t].numpy()[got_zero == 0], expected.values, rtol=1e-6)
+        assert (got_zero == 1).sum() == min(enc.n_zeros, vocab.n_genes - len(ids))
+        assert not set(got_ids[got_zero == 1]) & set(ids)  # sampled zeros really are zero in x'
+        assert library_in <= row["total_counts"]
+
+
+def test_mcv_split_is_binomial(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    row = corpus.train[0]
+    collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.3, encodings=corpus.encodings)
+    draws = torch.stack([collator([dict(row, sample_seed=s)])["mcv_counts"][0] for s in range(400)])
+    x = torch.zeros(vocab.vocab_size)
+    x[torch.tensor(row["counts_ids"], dtype=torch.long)] = torch.tensor(row["counts"], dtype=torch.float32)
+    mean_held = draws.mean(0)
+    # E[x''] = (1 - p) x, sd of the mean sqrt(p (1 - p) x / 400)
+    tolerance = 4 * torch.sqrt(0.21 * x / 400) + 1e-6
+    assert ((mean_held - 0.7 * x).abs() <= tolerance).all()
+    assert draws.var(0)[x > 3].min() > 0  # fresh split on every visit
+
+
+def test_count_targets_are_the_raw_counts_of_masked_detected_genes(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    rows = _rows(corpus, 30)
+    batch = ExpressCollator(vocab, mlm_probability=0.3, count_targets=True)(rows)
+    targets, labels = batch["count_targets"], batch["labels"]
+    n_checked = 0
+    for i, row in enumerate(rows):
+        lookup = dict(zip(row["counts_ids"].tolist(), row["counts"].tolist()))
+        for t in range(targets.shape[1]):
+            if targets[i, t] != IGNORE_INDEX:
+                assert targets[i, t].item() == lookup[labels[i, t].item()]
+                n_checked += 1
+            elif labels[i, t] != IGNORE_INDEX:
+                assert batch["is_zero"][i, t] == 1
+    assert n_checked > 30
+    np.testing.assert_allclose(batch["library_size"].numpy(), [r["total_counts"] for r in rows], rtol=1e-6)
+    # under MCV the targets are counts of the input x' and the library size is that of x'
+    mcv = ExpressCollator(vocab, mlm_probability=0.3, count_targets=True, mcv_input_fraction=0.5,
+                          encodings=corpus.encodings)(rows)
+    totals = np.array([r["total_counts"] for r in rows])
+    np.testing.assert_allclose(mcv["library_size"].numpy() + mcv["mcv_library_size"].numpy(), totals, rtol=1e-6)
+
+
+def test_label_columns_pass_through(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0, columns=["label"])
+    rows = _rows(corpus, 4)
+    batch = ExpressCollator(vocab, mlm_probability=0.0, label_columns=["label"])(rows)
+    assert batch["label"].tolist() == [r["label"] for r in rows]
+
+
+def test_collator_rejects_bad_settings(two_datasets):
+    vocab = two_datasets[2]
+    with pytest.raises(ValueError, match="mlm_probability"):
+        ExpressCollator(vocab, mlm_probability=1.5)
+    with pytest.raises(ValueError, match="mcv_input_fraction"):
+        ExpressCollator(vocab, mcv_input_fraction=1.0)
+    with pytest.raises(ValueError, match="encodings="):
+        ExpressCollator(vocab, mcv_input_fraction=0.5)
+    with pytest.raises(DatasetFormatError, match="keep_counts"):
+        ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=[EncodingParams()])([{"input_ids": np.array([2, 5]), "values": np.ones(2),
+                                                         "is_zero": np.zeros(2), "total_counts": 3.0}])
+
+
+def test_encoding_params_from_manifest():
+    enc = EncodingParams.from_manifest({"params": {"top_k": 7, "n_zeros": 3, "target_sum": 1e4, "eos": True}})
+    assert (enc.top_k, enc.n_zeros, enc.add_cls, enc.add_eos) == (7, 3, True, True)
