@@ -475,6 +475,7 @@ class HeadSettings:
             decoder from the VAE latent over protein counts).
         protein_norm: normalisation of protein levels (see ``finetune.data.normalize_proteins``).
         protein_reference: per-protein reference of that normalisation, fitted on the training cells.
+        tokenize: tokenization arguments (``top_k``, ``n_zeros``) for new cells; empty = the tokenizer's defaults.
     """
 
     encoder: str = "mlp"
@@ -497,6 +498,7 @@ class HeadSettings:
     protein_head: str = "regression"
     protein_norm: str = "clr"
     protein_reference: list[float] = field(default_factory=list)
+    tokenize: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:

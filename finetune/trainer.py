@@ -1,0 +1,199 @@
+"""The fine-tuning loop and batched prediction, shared by ``finetune/run.py`` and the Python API.
+
+A plain ``accelerate`` loop: ``accelerator.prepare``, ``accelerator.backward``, gradient clipping, the shared AdamW
+and warmup/cosine schedule of :mod:`pretrain.training`, and a KL warm-up for the VAE's ELBO.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from modeling.modeling_vae import ExpressForCellTypes, ExpressForProteinRegression, ExpressForVAE
+from pretrain.training import build_optimizer, build_scheduler
+
+from .data import CellTable, TableCollator, TableDataset, normalize_proteins
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("cell-type", "vae", "adt")
+ENCODER_KEYS = ("input_ids", "values", "is_zero", "attention_mask", "log_counts")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one fine-tuning run."""
+
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    encoder_lr: float | None = None  # learning rate of a pretrained transformer encoder (default: lr / 10)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    objective: str = "elbo"
+    n_samples: int = 1
+    dreg: bool = True
+    kl_warmup_ratio: float = 0.3
+    classification_weight: float = 1.0
+    seed: int = 0
+
+
+def model_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, train: bool) -> dict[str, Any]:
+    """The entries of a collated batch the given head reads."""
+    inputs = {k: batch[k] for k in ENCODER_KEYS if k in batch}
+    if isinstance(model, ExpressForCellTypes):
+        return {**inputs, "labels": batch["labels"]} if train else inputs
+    if isinstance(model, ExpressForProteinRegression):
+        return {**inputs, "protein_targets": batch["protein_targets"]} if train else inputs
+    if isinstance(model, ExpressForVAE):
+        extra = {k: batch[k] for k in ("counts", "library", "batch_index") if k in batch}
+        if train:
+            extra["labels"] = batch["labels"]
+            if model.vae.protein_decoder is not None:
+                extra["proteins"] = batch["proteins"]
+        return {**inputs, **extra}
+    raise TypeError(f"not a fine-tuning head: {type(model).__name__}")
+
+
+def _loader(table: CellTable, batch_size: int, token_collator, *, shuffle: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        TableDataset(table), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        collate_fn=TableCollator(table, token_collator), drop_last=False,
+    )
+
+
+def fit(
+    model: torch.nn.Module, table: CellTable, settings: TrainSettings, *, token_collator=None,
+    accelerator: Accelerator | None = None, progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` on every cell of ``table``; returns one record per epoch (mean loss, and the mean bound for
+    the VAE)."""
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    loader = _loader(table, settings.batch_size, token_collator, shuffle=True, seed=settings.seed)
+    steps_per_epoch = max(len(loader), 1)
+    total = settings.max_steps or settings.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
+    encoder_lr = settings.encoder_lr
+    if encoder_lr is None:
+        encoder_lr = settings.lr / 10 if model.settings.encoder == "transformer" else settings.lr
+    optimizer = _build_optimizer(model, settings.lr, encoder_lr, settings.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=int(settings.warmup_ratio * total))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    is_vae = isinstance(accelerator.unwrap_model(model), ExpressForVAE)
+    kl_steps = max(int(settings.kl_warmup_ratio * total), 1)
+    history: list[dict[str, float]] = []
+    step = 0
+    # disable=None: a bar on a terminal only, not in log files
+    bar = tqdm(total=total, desc="fine-tuning", disable=None if progress and accelerator.is_main_process else True,
+               leave=False)
+    model.train()
+    for epoch in range(epochs):
+        losses, bounds = [], []
+        for batch in loader:
+            kwargs = model_kwargs(accelerator.unwrap_model(model), batch, train=True)
+            if is_vae:
+                kwargs.update(objective=settings.objective, n_samples=settings.n_samples, dreg=settings.dreg,
+                              kl_weight=min(1.0, (step + 1) / kl_steps) if settings.objective == "elbo" else 1.0,
+                              classification_weight=settings.classification_weight, n_obs=len(table))
+            out = model(**kwargs)
+            if out.loss is None:
+                continue  # e.g. a batch without any labelled cell for the classifier
+            accelerator.backward(out.loss)
+            if settings.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(out.loss.detach()))
+            if is_vae:
+                bounds.append(float(out.bound.mean()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            if step >= total:
+                break
+        record = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan")}
+        if bounds:
+            record["bound"] = float(np.mean(bounds))
+        history.append(record)
+        logger.info("epoch %d: %s", epoch + 1, record)
+        if step >= total:
+            break
+    bar.close()
+    model.eval()
+    return history
+
+
+def _build_optimizer(model: torch.nn.Module, lr: float, encoder_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The shared AdamW (:func:`pretrain.training.build_optimizer`), with the encoder's groups at ``encoder_lr``."""
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+    if encoder_lr == lr:
+        return optimizer
+    encoder_params = {id(p) for p in model.express.parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        enc = [p for p in group["params"] if id(p) in encoder_params]
+        head = [p for p in group["params"] if id(p) not in encoder_params]
+        for params, group_lr in ((enc, encoder_lr), (head, lr)):
+            if params:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params,
+                               "lr": group_lr, "initial_lr": group_lr})
+    defaults = optimizer.defaults
+    return torch.optim.AdamW(groups, lr=lr, betas=defaults["betas"], eps=defaults["eps"])
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, table: CellTable, *, token_collator=None, batch_size: int = 256,
+    protein_samples: int = 64, mll_samples: int = 0, seed: int = 0, accelerator: Accelerator | None = None,
+) -> dict[str, np.ndarray]:
+    """Batched outputs for every cell: ``embedding`` (the encoder's, or the VAE's posterior mean), ``probabilities``
+    (classifiers), ``proteins`` (normalised protein predictions) and ``marginal_log_likelihood`` (VAE, when
+    ``mll_samples`` > 0)."""
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    device = next(model.parameters()).device
+    loader = _loader(table, batch_size, token_collator, shuffle=False, seed=seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, list[np.ndarray]] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        out.setdefault(name, []).append(value.detach().float().cpu().numpy())
+
+    settings = model.settings
+    for batch in tqdm(loader, desc="predicting", leave=False, disable=None if len(loader) >= 10 else True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kwargs = model_kwargs(model, batch, train=False)
+        inputs = {k: kwargs[k] for k in ENCODER_KEYS if k in kwargs}
+        if isinstance(model, ExpressForVAE):
+            loc, log_probs = model.latent(**inputs)
+            add("embedding", loc)
+            if log_probs is not None:
+                add("probabilities", log_probs.exp())
+            if model.vae.protein_decoder is not None:
+                samples = model.sample_proteins(batch.get("batch_index"), protein_samples, generator, **inputs)
+                normalised = normalize_proteins(samples.cpu().numpy(), settings.protein_norm,
+                                                settings.protein_reference or None)
+                add("proteins", torch.from_numpy(normalised.mean(0)))
+            if mll_samples and "counts" in batch:
+                torch.manual_seed(seed)
+                add("marginal_log_likelihood", model.marginal_log_likelihood(
+                    batch["counts"], batch["library"], batch.get("batch_index"), mll_samples, **inputs))
+        else:
+            add("embedding", model.embed(**inputs))
+            if isinstance(model, ExpressForCellTypes):
+                add("probabilities", torch.softmax(model(**inputs).logits.float(), -1))
+            else:
+                add("proteins", model(**inputs).predictions)
+    return {k: np.concatenate(v) for k, v in out.items()}
