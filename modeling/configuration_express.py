@@ -76,6 +76,8 @@ class ExpressConfig(PretrainedConfig):
         mlm_weight, mcv_weight, count_weight (`float`, defaults to 1.0):
             Weights of the masked-gene, MCV and count losses in the total loss (each only when its targets are
             given).
+        tie_word_embeddings (`bool`, defaults to `True`):
+            Share the MLM decoder's weight with the level-0 gene embedding table (as BERT ties its word embeddings).
         classifier_pooling (`str`, defaults to `"cls"`):
             Cell embedding (``pooler_output``) used by :class:`ExpressForCellClassification`: the ``<cls>`` state or
             the mean over the cell's gene tokens.
@@ -101,7 +103,7 @@ class ExpressConfig(PretrainedConfig):
         intermediate_size: int = 512,
         hidden_act: str = "gelu",
         hidden_dropout_prob: float = 0.02,
-        attention_probs_dropout_prob: float = 0.02,
+        attention_probs_dropout_prob: float = 0.0,
         max_position_embeddings: int = 512,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
@@ -123,6 +125,7 @@ class ExpressConfig(PretrainedConfig):
         mlm_weight: float = 1.0,
         mcv_weight: float = 1.0,
         count_weight: float = 1.0,
+        tie_word_embeddings: bool = True,
         classifier_pooling: str = "cls",
         classifier_dropout: float | None = None,
         unpad_inputs: bool | None = None,
@@ -157,6 +160,7 @@ class ExpressConfig(PretrainedConfig):
         self.mlm_weight = float(mlm_weight)
         self.mcv_weight = float(mcv_weight)
         self.count_weight = float(count_weight)
+        self.tie_word_embeddings = bool(tie_word_embeddings)
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = None if classifier_dropout is None else float(classifier_dropout)
         self.unpad_inputs = unpad_inputs

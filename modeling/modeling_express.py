@@ -527,23 +527,25 @@ class ExpressModel(ExpressPreTrainedModel):
 class ExpressHeadTransform(nn.Module):
     """Dense -> activation -> LayerNorm, shared shape of the prediction heads' first step."""
 
-    def __init__(self, config: ExpressConfig) -> None:
+    def __init__(self, config: ExpressConfig, width: int | None = None) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        width = width or config.hidden_size
+        self.dense = nn.Linear(config.hidden_size, width)
         self.act = ACT2FN[config.hidden_act]
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer_norm(self.act(self.dense(x)))
 
 
 class ExpressMLMHead(nn.Module):
-    """Masked-gene prediction: hidden state -> logits over the vocabulary."""
+    """Masked-gene prediction: hidden state -> gene-embedding space -> logits over the vocabulary. The decoder
+    shares its weight with the level-0 gene table when ``config.tie_word_embeddings`` (the default)."""
 
     def __init__(self, config: ExpressConfig) -> None:
         super().__init__()
-        self.transform = ExpressHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.transform = ExpressHeadTransform(config, config.gene_embedding_dim)
+        self.decoder = nn.Linear(config.gene_embedding_dim, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden))
@@ -619,6 +621,8 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
     """The encoder with its pretraining heads: masked-gene prediction (MLM), molecular cross-validation (MCV) and
     zero-truncated counts of masked genes. Heads run when their targets are given; with no targets at all (inference)
     every head runs and returns its predictions."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "express.embeddings.gene_embeddings.weight"}
 
     def __init__(self, config: ExpressConfig) -> None:
         super().__init__(config)

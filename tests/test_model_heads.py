@@ -1,0 +1,192 @@
+"""Pretraining and classification heads: each loss against a manual computation, sparse MLM, loss weighting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling import ExpressForCellClassification, ExpressForMaskedModeling
+from modeling.likelihoods import log_nb, log_ztnb
+from test_model_forward import CLS, EOS, MASK, N_SPECIAL, VOCAB, collate, make_cells, tiny_model
+
+
+def masked_batch(seed: int = 0):
+    batch = collate(make_cells([14, 9, 6], seed=seed))
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, j in [(0, 2), (0, 5), (0, 9), (1, 1), (1, 4), (2, 3)]:
+        labels[i, j] = batch["input_ids"][i, j]
+    batch["input_ids"] = torch.where(labels != -100, MASK, batch["input_ids"])
+    return batch, labels
+
+
+def held_out_counts(n_cells: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.poisson(torch.rand(n_cells, VOCAB, generator=g) * 3, generator=g)
+    counts[:, :N_SPECIAL] = 0
+    return counts
+
+
+# --- MLM ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mlm_loss_is_cross_entropy_over_masked_positions_only():
+    batch, labels = masked_batch()
+    model = tiny_model(ExpressForMaskedModeling)
+    seen = []
+    model.mlm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+        masked = labels != -100
+        assert seen == [(int(masked.sum()), 32)]  # the head saw the 6 masked states, nothing else
+        full_logits = model.mlm_head(out.last_hidden_state)  # (B, T, V), computed here for the reference only
+    manual = F.cross_entropy(full_logits[masked], labels[masked])
+    torch.testing.assert_close(out.mlm_loss, manual)
+    torch.testing.assert_close(out.loss, manual)  # only MLM targets given
+    torch.testing.assert_close(out.logits, full_logits[masked])
+
+
+def test_mlm_loss_independent_of_ignored_labels():
+    """Whatever sits at -100 positions is ignored; only the masked positions' labels count."""
+    batch, labels = masked_batch()
+    model = tiny_model(ExpressForMaskedModeling)
+    with torch.no_grad():
+        base = model(**batch, labels=labels).mlm_loss
+        fewer = labels.clone()
+        fewer[0, 9] = -100
+        assert not torch.allclose(model(**batch, labels=fewer).mlm_loss, base)
+        relabelled = labels.clone()
+        relabelled[0, 2] = (labels[0, 2] + 1 - N_SPECIAL) % (VOCAB - N_SPECIAL) + N_SPECIAL
+        assert not torch.allclose(model(**batch, labels=relabelled).mlm_loss, base)
+
+
+def test_no_masked_token_gives_zero_loss_and_zero_grads():
+    batch, labels = masked_batch()
+    model = tiny_model(ExpressForMaskedModeling).train()
+    out = model(**batch, labels=torch.full_like(labels, -100))
+    assert out.mlm_loss.item() == 0.0 and out.logits.shape == (0, VOCAB)
+    out.loss.backward()
+    assert all(torch.all(p.grad == 0) for p in model.parameters() if p.grad is not None)
+
+
+# --- MCV ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mcv_loss_equals_manual_negative_binomial():
+    batch, _ = masked_batch()
+    counts = held_out_counts()
+    library = counts.sum(-1) * 1.5  # a held-out library that also covers genes outside the vocabulary
+    model = tiny_model(ExpressForMaskedModeling)
+    with torch.no_grad():
+        model.mcv_head.log_theta.uniform_(-1, 2)
+        out = model(**batch, mcv_counts=counts, mcv_library_size=library)
+        logits = model.mcv_head.decoder(model.mcv_head.transform(out.last_hidden_state[:, 0]))
+    share = torch.softmax(logits[:, N_SPECIAL:], dim=-1)
+    mean = library[:, None] * share
+    theta = model.mcv_head.log_theta.exp()[N_SPECIAL:]
+    manual = -log_nb(counts[:, N_SPECIAL:], mean, theta.expand_as(mean)).sum() / counts.sum()
+    torch.testing.assert_close(out.mcv_loss, manual)
+    torch.testing.assert_close(out.loss, manual)
+    assert out.mlm_loss is None and out.count_loss is None and out.logits is None  # only the MCV head ran
+    torch.testing.assert_close(torch.softmax(out.mcv_logits, -1)[:, N_SPECIAL:], share)
+    torch.testing.assert_close(out.mcv_theta[N_SPECIAL:], theta)
+    # the library size defaults to the held-out counts' total
+    with torch.no_grad():
+        default = model(**batch, mcv_counts=counts).mcv_loss
+    manual_default = -log_nb(counts[:, N_SPECIAL:], counts.sum(-1, keepdim=True) * share, theta.expand_as(share)).sum()
+    torch.testing.assert_close(default, manual_default / counts.sum())
+
+
+def test_mcv_shape_error_and_missing_head():
+    batch, _ = masked_batch()
+    model = tiny_model(ExpressForMaskedModeling)
+    with pytest.raises(ValueError, match="mcv_counts must have shape"):
+        model(**batch, mcv_counts=torch.zeros(3, VOCAB - 1))
+    no_head = tiny_model(ExpressForMaskedModeling, use_mcv_head=False)
+    assert no_head.mcv_head is None
+    with pytest.raises(ValueError, match="no MCV head"):
+        no_head(**batch, mcv_counts=held_out_counts())
+
+
+# --- zero-truncated counts -----------------------------------------------------------------------------------------
+
+
+def test_count_loss_equals_manual_zero_truncated_nb():
+    batch, labels = masked_batch()
+    raw = torch.randint(1, 40, labels.shape).float()
+    count_targets = torch.where(labels != -100, raw, torch.full_like(raw, -100))
+    library = torch.tensor([800.0, 1500.0, 300.0])
+    model = tiny_model(ExpressForMaskedModeling)
+    with torch.no_grad():
+        out = model(**batch, count_targets=count_targets, library_size=library)
+        selected = count_targets != -100
+        head = model.count_head
+        share_logit, theta_raw = head.decoder(head.transform(out.last_hidden_state[selected])).unbind(-1)
+    mean = library[:, None].expand_as(raw)[selected] * torch.sigmoid(share_logit)
+    theta = F.softplus(theta_raw) + 1e-4
+    manual = -log_ztnb(count_targets[selected], mean, theta).mean()
+    torch.testing.assert_close(out.count_loss, manual)
+    torch.testing.assert_close(out.count_mean, mean)
+    assert out.count_mean.shape == (int(selected.sum()),)
+
+
+def test_count_targets_validation():
+    batch, labels = masked_batch()
+    targets = torch.where(labels != -100, 3.0, -100.0)
+    model = tiny_model(ExpressForMaskedModeling)
+    with pytest.raises(ValueError, match="library_size"):
+        model(**batch, count_targets=targets)
+    with pytest.raises(ValueError, match=">= 1"):
+        model(**batch, count_targets=torch.where(labels != -100, 0.0, -100.0), library_size=torch.ones(3) * 100)
+
+
+# --- combined --------------------------------------------------------------------------------------------------------
+
+
+def test_total_loss_is_the_weighted_sum_and_trains_every_head():
+    batch, labels = masked_batch()
+    counts = held_out_counts()
+    count_targets = torch.where(labels != -100, 5.0, -100.0)
+    library = torch.tensor([800.0, 1500.0, 300.0])
+    model = tiny_model(ExpressForMaskedModeling, mlm_weight=0.5, mcv_weight=2.0, count_weight=3.0).train()
+    out = model(**batch, labels=labels, mcv_counts=counts, count_targets=count_targets, library_size=library)
+    torch.testing.assert_close(out.loss, 0.5 * out.mlm_loss + 2.0 * out.mcv_loss + 3.0 * out.count_loss)
+    out.loss.backward()
+    for name in ("mlm_head.transform.dense.weight", "mcv_head.decoder.weight", "mcv_head.log_theta",
+                 "count_head.decoder.weight", "express.layers.0.attention.qkv.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    # the MLM decoder is the gene table (tied weights)
+    assert model.mlm_head.decoder.weight is model.express.embeddings.gene_embeddings.weight
+
+
+# --- classification ------------------------------------------------------------------------------------------------
+
+
+def test_classification_loss_and_pooling():
+    batch = collate(make_cells([14, 9, 6]))
+    batch["input_ids"][0, 13] = EOS  # an <eos> is left out of mean pooling, like <cls>
+    labels = torch.tensor([0, 2, 1])
+    for pooling in ("cls", "mean"):
+        model = tiny_model(ExpressForCellClassification, num_labels=3, classifier_pooling=pooling)
+        with torch.no_grad():
+            out = model(**batch, labels=labels)
+            hidden = model.express(**batch).last_hidden_state
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            keep = (batch["attention_mask"] == 1) & (batch["input_ids"] != CLS) & (batch["input_ids"] != EOS)
+            pooled = torch.stack([hidden[i][keep[i]].mean(0) for i in range(3)])
+        logits = model.classifier(pooled)
+        torch.testing.assert_close(out.logits, logits)
+        torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels))
+
+
+def test_classification_regression_and_multilabel():
+    batch = collate(make_cells([10, 6]))
+    reg = tiny_model(ExpressForCellClassification, num_labels=1)
+    out = reg(**batch, labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+    multi = tiny_model(ExpressForCellClassification, num_labels=3, problem_type="multi_label_classification")
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = multi(**batch, labels=targets)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, targets))
