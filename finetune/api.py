@@ -21,6 +21,7 @@ vocabulary fitted on ``adata`` ("express without pretraining"). Training options
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -166,6 +167,8 @@ def prepare_model(
         config = ExpressConfig(head=settings.to_dict(), **labels)
         net = cls(config)
     net.vocab = vocab
+    if task == "adt" and protein_head == "nb":
+        net.initialize_protein_means(torch.from_numpy(raw.mean(0)).float())
     if freeze_layers:
         net.freeze_encoder(None if freeze_layers < 0 else freeze_layers)
     table = table_for(adata, net, label_key=label_key, batch_key=batch_key, protein_obsm_key=protein_obsm_key,
@@ -202,6 +205,12 @@ def token_collator_for(model: torch.nn.Module):
 
 
 def _train(task: str, adata: ad.AnnData, training: dict, **kwargs) -> torch.nn.Module:
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        heads = {f.name for f in dataclasses.fields(HeadSettings)}
+        hint = " (head settings go in head={...})" if set(unknown) & heads else ""
+        raise TypeError(f"unknown training option(s) {unknown}{hint}; training options: {sorted(known)}")
     settings = TrainSettings(**training)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)

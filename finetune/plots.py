@@ -44,8 +44,9 @@ def plot_umap(coords: np.ndarray, colours: dict[str, Sequence], path: str | Path
         ax.set_title(f"{title} {name}".strip())
         ax.set_xticks([])
         ax.set_yticks([])
-        if len(cats) <= 30:
-            ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        if len(cats) <= 50:
+            ax.legend(fontsize=5 if len(cats) > 20 else 6, markerscale=2, loc="center left",
+                      bbox_to_anchor=(1.0, 0.5), frameon=False, ncol=2 if len(cats) > 20 else 1)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -40,9 +40,9 @@ logger = logging.getLogger("finetune.run")
 class FinetuneArgs:
     """Fine-tune express: cell types, VAE/IWAE, or ADT prediction."""
 
-    task: Literal["cell-type", "vae", "adt"] = field(metadata={"help": "what to fine-tune"})
-    data: str = field(metadata={"help": "training h5ad (raw counts)"})
-    output_dir: str = field(metadata={"help": "where metrics, plots and the model go"})
+    task: Literal["cell-type", "vae", "adt"] = field(default="cell-type", metadata={"help": "what to fine-tune"})
+    data: str | None = field(default=None, metadata={"help": "training h5ad (raw counts); required"})
+    output_dir: str | None = field(default=None, metadata={"help": "where metrics, plots and the model go; required"})
     model: str = field(default="none", metadata={"help": "pretrained express folder, or 'none'"})
     encoder: Literal["transformer", "mlp"] = field(default="transformer", metadata={"help": "cell encoder"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out h5ad"})
@@ -88,18 +88,163 @@ class FinetuneArgs:
     encoder_lr: float | None = field(default=None, metadata={"help": "transformer lr (default lr / 10)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
-    classification_weight: float = field(default=1.0, metadata={"help": "weight of p(c|z) cross-entropy (VAE)"})
+    classification_weight: float = field(default=50.0, metadata={"help": "weight of p(c|z) cross-entropy (VAE)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
     overwrite: bool = field(default=True, metadata={"help": "replace an existing model folder"})
 
+    def __post_init__(self) -> None:
+        missing = [f"--{name}" for name in ("data", "output_dir") if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"finetune/run.py needs {' and '.join(missing)}")
+        if self.task == "adt" and not self.protein_obsm_key:
+            raise ValueError("--task adt needs --protein_obsm_key (the obsm entry holding raw protein counts)")
+        if self.task == "cell-type" and not self.label_key:
+            raise ValueError("--task cell-type needs --label_key (the obs column of cell types)")
+        if self.objective == "iwae" and self.n_samples < 2:
+            raise ValueError("--objective iwae needs --n_samples K >= 2 importance samples")
+
+
+def _load_split(args: FinetuneArgs):
+    from finetune.data import load_h5ad, split_adata
+
+    adata = load_h5ad(args.data)
+    if args.eval_data is not None:
+        if args.split_key is not None:
+            raise ValueError("give either --eval_data or --split_key/--test_values, not both")
+        return adata, load_h5ad(args.eval_data)
+    if args.split_key is None or not args.test_values:
+        raise ValueError("held-out cells are needed: pass --eval_data FILE or --split_key KEY --test_values v1,v2")
+    return split_adata(adata, args.split_key, [v.strip() for v in args.test_values.split(",") if v.strip()])
+
+
+def _plots(args: FinetuneArgs, out: Path, cells, embedding, metrics_extra: dict) -> list[str]:
+    """UMAP of training + held-out cells (coloured by split, cell type, batch, donor), confusion matrix, protein
+    scatter."""
+    from finetune import plots
+
+    written = []
+    colours = {"split": cells.obs["express_split"].to_numpy()}
+    for key in (args.label_key, args.batch_key, args.donor_key):
+        if key and key in cells.obs and key not in colours:
+            colours[key] = cells.obs[key].astype(str).to_numpy()
+    if cells.n_obs >= 5:
+        coords = plots.umap_coordinates(embedding, seed=args.seed)
+        written.append(str(plots.plot_umap(coords, colours, out / "umap.png", title=f"{args.task}:")))
+    if "confusion" in metrics_extra:
+        matrix, names = metrics_extra["confusion"]
+        written.append(str(plots.plot_confusion(matrix, names, out / "confusion_matrix.png",
+                                                title=f"{args.task} (held-out cells)")))
+    if "proteins" in metrics_extra:
+        pred, true, names = metrics_extra["proteins"]
+        written.append(str(plots.plot_protein_scatter(pred, true, names, out / "protein_scatter.png",
+                                                      title=f"ADT ({args.protein_head} head, {args.protein_norm})")))
+    return written
+
 
 def main(args: FinetuneArgs) -> dict:
     """Run one fine-tuning job; returns the metrics written to ``OUTPUT_DIR/metrics.json``."""
-    from .api import finetune_job  # heavy imports only once a job runs
+    import anndata
+    import numpy as np
+    import pandas as pd
+    import torch
 
-    return finetune_job(args)
+    from finetune import api
+    from finetune import metrics as M
+    from finetune.data import UNLABELLED, normalize_proteins, protein_counts
+    from finetune.trainer import TrainSettings, fit, predict
+    from pretrain.training import seed_everything
+    from tokenizer.vocab import atomic_write_bytes
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    seed_everything(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = _load_split(args)
+    logger.info("%d training cells, %d held-out cells", train.n_obs, test.n_obs)
+    transformer = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
+                   "num_attention_heads": args.num_attention_heads, "intermediate_size": 2 * args.hidden_size,
+                   "max_position_embeddings": max(512, args.top_k + args.n_zeros + 8)}
+    head = {"n_latent": args.n_latent, "covariance": args.covariance, "likelihood": args.likelihood,
+            "dispersion": args.dispersion, "mlp_hidden": args.mlp_hidden, "mlp_layers": args.mlp_layers,
+            "dropout": args.dropout}
+    model, table = api.prepare_model(
+        args.task, train, model=args.model, encoder=args.encoder, label_key=args.label_key,
+        batch_key=args.batch_key, protein_obsm_key=args.protein_obsm_key, gene_id_key=args.gene_id_key,
+        layer=args.layer, n_top_genes=args.n_top_genes, unlabelled_category=args.unlabelled_category,
+        hierarchy_key=args.hierarchy_key, prior=args.prior, protein_head=args.protein_head,
+        protein_norm=args.protein_norm, freeze_layers=args.freeze_layers, head=head,
+        transformer=transformer if args.model == "none" else None,
+        tokenize={"top_k": args.top_k, "n_zeros": args.n_zeros} if args.model == "none" else None,
+    )
+    settings = TrainSettings(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, objective=args.objective,
+        n_samples=args.n_samples, dreg=args.dreg, kl_warmup_ratio=args.kl_warmup_ratio,
+        classification_weight=args.classification_weight, seed=args.seed,
+    )
+    collator = api.token_collator_for(model)
+    history = fit(model, table, settings, token_collator=collator)
+
+    test_table = api.table_for(test, model, label_key=args.label_key, batch_key=args.batch_key,
+                               protein_obsm_key=args.protein_obsm_key, gene_id_key=args.gene_id_key,
+                               layer=args.layer, unlabelled_category=args.unlabelled_category)
+    is_vae = model.__class__.__name__ == "ExpressForVAE"
+    outputs = predict(model, test_table, token_collator=collator, seed=args.seed,
+                      mll_samples=args.mll_samples if is_vae else 0)
+    metrics: dict = {"task": args.task, "encoder": args.encoder, "model": args.model, "n_train": train.n_obs,
+                     "n_test": test.n_obs}
+    extra: dict = {}
+    predictions = pd.DataFrame(index=test.obs_names)
+    if "probabilities" in outputs and args.label_key:
+        names = [model.config.id2label[i] for i in range(outputs["probabilities"].shape[1])]
+        predicted = np.asarray(names)[outputs["probabilities"].argmax(1)]
+        truth = test.obs[args.label_key].astype(str).to_numpy()
+        known = truth != str(args.unlabelled_category) if args.unlabelled_category else np.ones(len(truth), bool)
+        metrics.update(accuracy=M.accuracy(truth[known], predicted[known]),
+                       macro_f1=M.macro_f1(truth[known], predicted[known]))
+        majority = pd.Series(train.obs[args.label_key].astype(str)).value_counts().index[0]
+        metrics.update(majority_accuracy=M.accuracy(truth[known], np.full(known.sum(), majority)),
+                       majority_macro_f1=M.macro_f1(truth[known], np.full(known.sum(), majority)))
+        metrics["unseen_test_types"] = sorted(set(truth[known]) - set(names))
+        extra["confusion"] = M.confusion(truth[known], predicted[known])
+        predictions["predicted_cell_type"] = predicted
+        predictions["probability"] = outputs["probabilities"].max(1)
+    if "proteins" in outputs:
+        raw, names = protein_counts(test, args.protein_obsm_key, model.settings.proteins)
+        truth = normalize_proteins(raw, model.settings.protein_norm, model.settings.protein_reference or None)
+        metrics.update(M.protein_metrics(outputs["proteins"], truth))
+        train_raw, _ = protein_counts(train, args.protein_obsm_key, model.settings.proteins)
+        train_norm = normalize_proteins(train_raw, model.settings.protein_norm, model.settings.protein_reference or None)
+        mean = np.tile(train_norm.mean(0), (test.n_obs, 1))
+        metrics.update({f"mean_protein_{k}": v for k, v in M.protein_metrics(mean, truth).items()})
+        metrics["protein_norm"] = model.settings.protein_norm
+        extra["proteins"] = (outputs["proteins"], truth, names)
+    if "marginal_log_likelihood" in outputs:
+        metrics["marginal_log_likelihood"] = float(outputs["marginal_log_likelihood"].mean())
+        metrics["mll_samples"] = args.mll_samples
+        predictions["marginal_log_likelihood"] = outputs["marginal_log_likelihood"]
+    labels = test.obs[args.label_key].astype(str).to_numpy() if args.label_key in test.obs else None
+    batches = test.obs[args.batch_key].astype(str).to_numpy() if args.batch_key in test.obs else None
+    if test.n_obs >= 20:
+        metrics["embedding"] = M.embedding_metrics(outputs["embedding"], labels, batches, seed=args.seed)
+    metrics["plots"] = []
+    if args.plots:
+        train_emb = predict(model, api.table_for(train, model, batch_key=args.batch_key, gene_id_key=args.gene_id_key,
+                                                 layer=args.layer), token_collator=collator, seed=args.seed,
+                            protein_samples=1)["embedding"]
+        cells = anndata.concat({"train": train, "held-out": test}, label="express_split", join="inner")
+        metrics["plots"] = _plots(args, out, cells, np.concatenate([train_emb, outputs["embedding"]]), extra)
+
+    api.save_model(model, out / "model", overwrite=args.overwrite)
+    predictions.to_csv(out / "predictions.csv")
+    atomic_write_bytes(out / "history.json", json.dumps(history, indent=2).encode())
+    atomic_write_bytes(out / "args.json", json.dumps(args_to_dict(args), indent=2).encode())
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2, default=float).encode())
+    logger.info("held-out metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    return metrics
 
 
 def cli(argv: list[str] | None = None) -> dict:
@@ -108,9 +253,4 @@ def cli(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        from finetune.run import cli as _cli  # run as a package module so relative imports resolve
-
-        _cli()
-    else:
-        cli()
+    cli()

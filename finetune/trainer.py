@@ -43,7 +43,7 @@ class TrainSettings:
     n_samples: int = 1
     dreg: bool = True
     kl_warmup_ratio: float = 0.3
-    classification_weight: float = 1.0
+    classification_weight: float = 50.0  # scANVI's classification ratio
     seed: int = 0
 
 

@@ -651,6 +651,14 @@ class ExpressForVAE(ExpressFinetunePreTrainedModel):
         )
         self.post_init()
 
+    @torch.no_grad()
+    def initialize_protein_means(self, mean_counts: torch.Tensor) -> None:
+        """Start the protein decoder at the training cells' mean counts (its output bias = log mean), so early
+        steps fit the latent rather than the overall scale of ~100 proteins."""
+        if self.vae.protein_decoder is None:
+            raise ValueError("this VAE has no protein decoder")
+        self.vae.protein_decoder.mean.bias.copy_(torch.log(torch.as_tensor(mean_counts).clamp_min(1e-3)))
+
     def forward(
         self, counts: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, proteins: torch.Tensor | None = None, *, objective: str = "elbo",
