@@ -63,7 +63,7 @@ def _vocab_for(model: str | os.PathLike, encoder: str, adata: ad.AnnData, gene_i
 
     if str(model) != "none":
         return GeneVocab.load(model)
-    from tokenizer import fit_statistics
+    from tokenizer.stats import fit_statistics
 
     logger.info("fitting a vocabulary on the %d training cells (transformer without pretraining)", adata.n_obs)
     return fit_statistics([adata], None, gene_id_key=gene_id_key, layer=layer, progress=False)
@@ -167,6 +167,7 @@ def prepare_model(
         config = ExpressConfig(head=settings.to_dict(), **labels)
         net = cls(config)
     net.vocab = vocab
+    net.pretrained_encoder = pretrained
     if task == "adt" and protein_head == "nb":
         net.initialize_protein_means(torch.from_numpy(raw.mean(0)).float())
     if freeze_layers:

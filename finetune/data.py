@@ -213,6 +213,52 @@ def label_categories(values: Sequence, *, unlabelled: Sequence[str] = ()) -> lis
 
 
 @dataclass
+class TokenRows:
+    """Tokenized cells as flat arrays with offsets, in the AnnData's cell order."""
+
+    offsets: np.ndarray  # (n + 1,)
+    input_ids: np.ndarray
+    values: np.ndarray
+    is_zero: np.ndarray
+
+    @classmethod
+    def from_dataset(cls, dataset, obs_names: np.ndarray, cls_id: int) -> TokenRows:
+        """Reorder a tokenized ``datasets.Dataset`` to ``obs_names``; cells the tokenizer left out (no vocabulary
+        gene) become a lone ``<cls>`` token, with a warning."""
+        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+        cols = {name: table.column(name).combine_chunks() for name in ("input_ids", "values", "is_zero")}
+        offsets = np.asarray(cols["input_ids"].offsets)
+        flat = {name: np.asarray(col.values) for name, col in cols.items()}
+        cell_ids = np.asarray(table.column("cell_id").to_pylist(), dtype=str)
+        position = {c: i for i, c in enumerate(cell_ids)}
+        if len(position) != len(cell_ids):
+            raise FinetuneDataError("cell names (obs_names) must be unique to match tokenized cells back to them")
+        rows = np.array([position.get(c, -1) for c in obs_names], dtype=np.int64)
+        missing = int((rows < 0).sum())
+        if missing:
+            logger.warning("%d cells have no gene of the model's vocabulary; they are encoded as <cls> alone", missing)
+        lengths = np.where(rows >= 0, np.diff(offsets)[np.maximum(rows, 0)], 1)
+        new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=new_offsets[1:])
+        gather = np.concatenate([np.arange(offsets[r], offsets[r + 1]) if r >= 0 else np.array([-1])
+                                 for r in rows]) if len(rows) else np.zeros(0, dtype=np.int64)
+        out = {}
+        for name, values in flat.items():
+            picked = values[np.maximum(gather, 0)].copy()
+            picked[gather < 0] = cls_id if name == "input_ids" else 0
+            out[name] = picked
+        return cls(new_offsets, out["input_ids"], out["values"], out["is_zero"])
+
+    def rows(self, indices: np.ndarray) -> list[dict[str, np.ndarray]]:
+        out = []
+        for i in indices:
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            out.append({"input_ids": self.input_ids[lo:hi], "values": self.values[lo:hi],
+                        "is_zero": self.is_zero[lo:hi]})
+        return out
+
+
+@dataclass
 class CellTable:
     """One AnnData prepared for a model. Row ``i`` of every array is cell ``i``."""
 
@@ -224,7 +270,7 @@ class CellTable:
     labels: np.ndarray  # (n,) class id, -100 = unlabelled
     proteins: np.ndarray | None  # (n, P) raw protein counts
     protein_targets: np.ndarray | None  # (n, P) normalised
-    tokens: object | None = None  # datasets.Dataset with input_ids/values/is_zero (transformer encoder)
+    tokens: TokenRows | None = None  # transformer encoder input
 
     def __len__(self) -> int:
         return len(self.obs_names)
@@ -291,9 +337,10 @@ def build_table(
     if settings.encoder == "transformer":
         if vocab is None:
             raise FinetuneDataError("the transformer encoder needs the pretrained vocabulary to tokenize cells")
-        from tokenizer import tokenize_adata
+        from tokenizer.tokenize import tokenize_adata
 
-        tokens = tokenize_adata(adata, vocab, gene_id_key=gene_id_key, layer=layer, **(tokenize_kwargs or {}))
+        dataset = tokenize_adata(adata, vocab, gene_id_key=gene_id_key, layer=layer, **(tokenize_kwargs or {}))
+        tokens = TokenRows.from_dataset(dataset, adata.obs_names.to_numpy().astype(str), vocab.cls_id)
     return CellTable(
         obs_names=adata.obs_names.to_numpy().astype(str), counts=decoder, library=library, log_inputs=log_inputs,
         batch_index=batch_index, labels=labels, proteins=proteins,
@@ -330,8 +377,7 @@ class TableCollator:
         if t.log_inputs is not None:
             batch["log_counts"] = torch.from_numpy(t.log_inputs[idx].toarray())
         if t.tokens is not None:
-            rows = t.tokens.select(idx.tolist())
-            batch.update(self.token_collator([rows[i] for i in range(len(idx))]))
+            batch.update(self.token_collator(t.tokens.rows(idx)))
         if t.counts is not None:
             batch["counts"] = torch.from_numpy(t.counts[idx].toarray())
             batch["library"] = torch.from_numpy(t.library[idx])

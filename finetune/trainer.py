@@ -35,7 +35,7 @@ class TrainSettings:
     max_steps: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
-    encoder_lr: float | None = None  # learning rate of a pretrained transformer encoder (default: lr / 10)
+    encoder_lr: float | None = None  # learning rate of the encoder (default: lr / 10 if pretrained, else lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -84,8 +84,8 @@ def fit(
     total = settings.max_steps or settings.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     encoder_lr = settings.encoder_lr
-    if encoder_lr is None:
-        encoder_lr = settings.lr / 10 if model.settings.encoder == "transformer" else settings.lr
+    if encoder_lr is None:  # a pretrained encoder moves slower than freshly initialised heads
+        encoder_lr = settings.lr / 10 if getattr(model, "pretrained_encoder", False) else settings.lr
     optimizer = _build_optimizer(model, settings.lr, encoder_lr, settings.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=int(settings.warmup_ratio * total))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
