@@ -1,0 +1,544 @@
+"""Streaming reads of raw count matrices, one block of cells at a time.
+
+An h5ad file is opened with h5py and its matrix (``X``, a named layer, or ``raw/X``) is read in row chunks: a CSR
+matrix by slicing ``indptr``, ``indices`` and ``data``; a dense 2-D dataset by row blocks. The whole matrix is never
+loaded, so memory stays flat however many cells a file holds. ``obs`` and ``var`` columns are small and are read whole
+with anndata's element readers. An in-memory :class:`anndata.AnnData` is wrapped behind the same interface.
+
+Every chunk is checked as it is read: negative, NaN/inf and (unless ``allow_non_integer``) non-integer values raise
+:class:`~tokenizer.errors.InvalidCountsError` naming the file, the first offending cell and gene.
+
+The chunk pipeline used by both ``fit`` and ``tokenize`` is :func:`iter_chunks`: read -> check -> library sizes ->
+map columns to a target gene index (vocabulary token ids, or the corpus gene list), summing duplicate genes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numba
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import CorruptFileError, InputError, InvalidCountsError
+
+logger = logging.getLogger(__name__)
+
+_BAD_KINDS = {1: "a negative value", 2: "a NaN or infinite value", 3: "a non-integer value"}
+
+
+# --- matrix sources ---------------------------------------------------------------------------------------------------
+@dataclass
+class RawChunk:
+    """Rows ``[start, start + n_rows)`` of a matrix in CSR form (``indptr`` rebased to 0, file column indices)."""
+
+    start: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+
+class CountSource:
+    """A cells x genes count matrix with its ``obs``/``var`` tables, read a block of rows at a time."""
+
+    name: str  # what error messages call it (the file path)
+    stem: str  # what the ``source`` column of a tokenized dataset holds (the file name without suffix)
+    n_obs: int
+    n_vars: int
+
+    def var(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def obs_names(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def obs_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def obs_column(self, key: str) -> pd.Series:
+        raise NotImplementedError
+
+    def read_rows(self, start: int, stop: int) -> RawChunk:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def require_obs(self, key: str) -> pd.Series:
+        """``obs[key]``, or an :class:`InputError` listing the columns there are."""
+        if key not in self.obs_keys():
+            available = ", ".join(self.obs_keys()) or "(none)"
+            raise InputError(f"{self.name}: obs has no column {key!r}; available columns: {available}")
+        return self.obs_column(key)
+
+    def __enter__(self) -> CountSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _encoding(node) -> str:
+    value = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    return {"csr": "csr_matrix", "csc": "csc_matrix"}.get(value, value)
+
+
+class H5adSource(CountSource):
+    """An h5ad file read lazily with h5py.
+
+    Args:
+        path: the h5ad file.
+        layer: ``None`` for ``X``, ``"raw"`` for ``raw/X`` (with ``raw/var``), else the name of a layer.
+    """
+
+    def __init__(self, path: str | os.PathLike, layer: str | None = None):
+        self.path = Path(path)
+        self.name = str(path)
+        self.stem = self.path.name.removesuffix(".h5ad") if self.path.name.endswith(".h5ad") else self.path.stem
+        if not self.path.is_file():
+            raise InputError(f"input file not found: {self.name}")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise CorruptFileError(f"{self.name} is not a readable h5ad (HDF5) file: {err}") from None
+        try:
+            self._open_matrix(layer)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open_matrix(self, layer: str | None) -> None:
+        f = self._file
+        if "obs" not in f or "var" not in f:
+            raise CorruptFileError(f"{self.name} is an HDF5 file but not an h5ad (no obs/var groups)")
+        if not isinstance(f["obs"], h5py.Group):
+            raise CorruptFileError(
+                f"{self.name} uses the pre-0.7 h5ad layout; re-save it with a recent anndata "
+                "(anndata.read_h5ad(path).write_h5ad(new_path))"
+            )
+        self._var_path = "var"
+        if layer is None:
+            matrix_path = "X"
+        elif layer == "raw":
+            matrix_path, self._var_path = "raw/X", "raw/var"
+        else:
+            matrix_path = f"layers/{layer}"
+            if matrix_path not in f:
+                layers = ", ".join(f["layers"].keys()) if "layers" in f else "(none)"
+                raise InputError(f"{self.name} has no layer {layer!r}; available layers: {layers}")
+        if matrix_path not in f:
+            raise CorruptFileError(f"{self.name} has no {matrix_path} matrix")
+        self.matrix_path = matrix_path
+        node = f[matrix_path]
+        if isinstance(node, h5py.Group):
+            kind = _encoding(node)
+            if kind == "csc_matrix":
+                raise InputError(
+                    f"{self.name}: {matrix_path} is stored column-major (CSC); streaming cells needs CSR. Convert "
+                    f"once with: python -c \"import anndata as ad; a = ad.read_h5ad('{self.name}'); "
+                    f"a.X = a.X.tocsr(); a.write_h5ad('{self.stem}_csr.h5ad')\""
+                )
+            if kind != "csr_matrix" or not all(k in node for k in ("data", "indices", "indptr")):
+                raise CorruptFileError(f"{self.name}: {matrix_path} is neither a CSR matrix nor a dense array")
+            self.n_obs, self.n_vars = (int(n) for n in node.attrs["shape"])
+            self._data, self._indices, self._indptr = node["data"], node["indices"], node["indptr"]
+            self._dense = None
+            if self._indptr.shape[0] != self.n_obs + 1:
+                raise CorruptFileError(f"{self.name}: {matrix_path}/indptr has {self._indptr.shape[0]} entries "
+                                       f"for {self.n_obs} cells")
+        elif isinstance(node, h5py.Dataset) and node.ndim == 2:
+            self.n_obs, self.n_vars = node.shape
+            self._dense = node
+        else:
+            raise CorruptFileError(f"{self.name}: {matrix_path} is neither a CSR matrix nor a 2-D array")
+        obs_index = self._index_key("obs")
+        n_obs = len(f["obs"][obs_index])
+        n_vars = len(f[self._var_path][self._index_key(self._var_path)])
+        if (n_obs, n_vars) != (self.n_obs, self.n_vars):
+            raise CorruptFileError(f"{self.name}: {matrix_path} is {self.n_obs} x {self.n_vars} but obs/var have "
+                                   f"{n_obs} x {n_vars} entries")
+
+    def _index_key(self, group: str) -> str:
+        key = self._file[group].attrs.get("_index", "_index")
+        return key.decode() if isinstance(key, bytes) else str(key)
+
+    def _read(self, path: str):
+        import anndata as ad
+
+        try:
+            return ad.io.read_elem(self._file[path])
+        except Exception as err:  # anndata raises several types for damaged elements
+            raise CorruptFileError(f"{self.name}: cannot read {path} ({err})") from None
+
+    def var(self) -> pd.DataFrame:
+        return self._read(self._var_path)
+
+    def obs_names(self) -> np.ndarray:
+        return np.asarray(self._read(f"obs/{self._index_key('obs')}")).astype(str)
+
+    def obs_keys(self) -> list[str]:
+        index = self._index_key("obs")
+        return [k for k in self._file["obs"].keys() if k != index and not k.startswith("__")]
+
+    def obs_column(self, key: str) -> pd.Series:
+        return pd.Series(self._read(f"obs/{key}"))
+
+    def read_rows(self, start: int, stop: int) -> RawChunk:
+        if self._dense is not None:
+            return _dense_to_chunk(start, np.asarray(self._dense[start:stop]))
+        indptr = self._indptr[start:stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return RawChunk(start, indptr - lo, self._indices[lo:hi], self._data[lo:hi])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class AnnDataSource(CountSource):
+    """An in-memory (or backed) :class:`anndata.AnnData` behind the :class:`CountSource` interface."""
+
+    def __init__(self, adata, layer: str | None = None, name: str = "<AnnData>"):
+        self.adata = adata
+        self.name = name
+        self.stem = name
+        if layer is None:
+            matrix, self._var = adata.X, adata.var
+        elif layer == "raw":
+            if adata.raw is None:
+                raise InputError(f"{name} has no .raw")
+            matrix, self._var = adata.raw.X, adata.raw.var
+        else:
+            if layer not in adata.layers:
+                raise InputError(f"{name} has no layer {layer!r}; available layers: "
+                                 f"{', '.join(adata.layers.keys()) or '(none)'}")
+            matrix, self._var = adata.layers[layer], adata.var
+        if matrix is None:
+            raise InputError(f"{name} has no count matrix (X is None)")
+        if sp.issparse(matrix) and matrix.format == "csc":
+            logger.warning("%s: converting a CSC matrix to CSR in memory to read cells", name)
+            matrix = matrix.tocsr()
+        self._matrix = matrix
+        self.n_obs, self.n_vars = adata.n_obs, self._var.shape[0]
+
+    def var(self) -> pd.DataFrame:
+        return self._var
+
+    def obs_names(self) -> np.ndarray:
+        return np.asarray(self.adata.obs_names).astype(str)
+
+    def obs_keys(self) -> list[str]:
+        return [str(k) for k in self.adata.obs.columns]
+
+    def obs_column(self, key: str) -> pd.Series:
+        return self.adata.obs[key].reset_index(drop=True)
+
+    def read_rows(self, start: int, stop: int) -> RawChunk:
+        m = self._matrix
+        if sp.issparse(m) and m.format == "csr":
+            lo, hi = int(m.indptr[start]), int(m.indptr[stop])
+            return RawChunk(start, m.indptr[start:stop + 1].astype(np.int64) - lo, m.indices[lo:hi], m.data[lo:hi])
+        block = m[start:stop]
+        if sp.issparse(block):
+            block = block.tocsr()
+            return RawChunk(start, block.indptr.astype(np.int64), block.indices, block.data)
+        return _dense_to_chunk(start, np.asarray(block))
+
+
+def _dense_to_chunk(start: int, block: np.ndarray) -> RawChunk:
+    rows, cols = np.nonzero(block)  # NaN counts as non-zero, so it is caught by the checks
+    indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=block.shape[0]), out=indptr[1:])
+    return RawChunk(start, indptr, cols.astype(np.int32), block[rows, cols])
+
+
+def open_source(item, layer: str | None = None) -> CountSource:
+    """A :class:`CountSource` for a path (h5ad) or an AnnData object."""
+    if isinstance(item, CountSource):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return H5adSource(item, layer=layer)
+    if hasattr(item, "obs") and hasattr(item, "var") and hasattr(item, "X"):
+        return AnnDataSource(item, layer=layer)
+    raise TypeError(f"expected an h5ad path or an AnnData, got {type(item).__name__}")
+
+
+def file_key(name: str) -> int:
+    """A stable 64-bit key for a source (its file name), mixed with row numbers into per-cell keys."""
+    return int.from_bytes(hashlib.blake2b(Path(name).name.encode(), digest_size=8).digest(), "little")
+
+
+def cell_keys(source_key: int, rows: np.ndarray) -> np.ndarray:
+    """Per-cell keys ``source_key + row`` (uint64, wrapping): unique within a file, independent of chunking."""
+    return np.uint64(source_key) + np.asarray(rows, dtype=np.uint64)
+
+
+# --- gene ids ---------------------------------------------------------------------------------------------------------
+def load_gene_map(path: str | os.PathLike) -> dict[str, str]:
+    """A JSON object ``{id in the data: vocabulary id}`` (e.g. gene symbol -> Ensembl id)."""
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"gene map not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path} is not a JSON file ({err})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise CorruptFileError(f"{path} must hold a JSON object mapping gene ids to gene ids (strings)")
+    return mapping
+
+
+@dataclass
+class GeneColumns:
+    """The gene id of every column of a matrix after mapping (``''`` where the column is dropped)."""
+
+    ids: np.ndarray  # (n_vars,) str
+    symbols: np.ndarray  # (n_vars,) str, '' where unknown
+    labels: np.ndarray  # (n_vars,) str, the original var name (for messages)
+    n_empty: int  # columns with an empty id
+    n_unmapped: int  # columns the gene map had no entry for
+
+
+def read_gene_columns(source: CountSource, *, gene_id_key: str | None = None,
+                      gene_map: dict[str, str] | None = None) -> GeneColumns:
+    """Gene ids from ``var[gene_id_key]`` (or ``var_names``), mapped through ``gene_map`` when given.
+
+    Ids not found in ``gene_map`` (tried as is, then upper-cased) become ``''``; empty ids are dropped by callers.
+    """
+    var = source.var()
+    labels = np.asarray(var.index).astype(str)
+    if gene_id_key is None:
+        raw = pd.Series(labels)
+    else:
+        if gene_id_key not in var.columns:
+            raise InputError(f"{source.name}: var has no column {gene_id_key!r}; available columns: "
+                             f"{', '.join(map(str, var.columns)) or '(none)'} (or leave --gene_id_key out to use "
+                             "var_names)")
+        raw = pd.Series(np.asarray(var[gene_id_key].astype(object).fillna("")).astype(str))
+    raw = raw.str.strip()
+    empty = (raw == "") | raw.str.lower().isin(["nan", "none"])
+    n_unmapped = 0
+    if gene_map is not None:
+        mapped = raw.map(gene_map)
+        mapped = mapped.fillna(raw.str.upper().map(gene_map))
+        unmapped = mapped.isna() & ~empty
+        n_unmapped = int(unmapped.sum())
+        ids = mapped.fillna("").astype(str)
+    else:
+        ids = raw.where(~empty, "")
+    if "gene_symbol" in var.columns:
+        symbols = np.asarray(var["gene_symbol"].astype(object).fillna("")).astype(str)
+    elif gene_id_key is not None or gene_map is not None:
+        symbols = labels
+    else:
+        symbols = np.full(len(labels), "", dtype=object).astype(str)
+    return GeneColumns(np.asarray(ids, dtype=str), symbols, labels, int(empty.sum()), n_unmapped)
+
+
+def column_map(ids: np.ndarray, target: pd.Index) -> np.ndarray:
+    """``(n_vars,)`` int64 position of each column's gene id in ``target``, ``-1`` where absent or empty."""
+    col_map = target.get_indexer(pd.Index(ids)).astype(np.int64)
+    col_map[np.asarray(ids) == ""] = -1
+    return col_map
+
+
+def duplicated_targets(col_map: np.ndarray) -> np.ndarray:
+    """Target positions that more than one column maps to."""
+    mapped = col_map[col_map >= 0]
+    counts = np.bincount(mapped) if len(mapped) else np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(counts > 1)
+
+
+# --- numba kernels ----------------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _scan(indptr, data, allow_non_integer):
+    """Row sums over all genes, and the position and kind of the first bad value (-1, 0 when all are fine)."""
+    n = indptr.shape[0] - 1
+    totals = np.zeros(n, dtype=np.float64)
+    for i in range(n):
+        s = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            v = np.float64(data[j])
+            if not v >= 0.0:  # negative or NaN
+                return totals, j, 2 if v != v else 1
+            if v == np.inf:
+                return totals, j, 2
+            if not allow_non_integer and v != np.floor(v):
+                return totals, j, 3
+            s += v
+        totals[i] = s
+    return totals, -1, 0
+
+
+# Position of the lowest set bit of a uint64 by de Bruijn multiplication (numba has no count-trailing-zeros).
+_DEBRUIJN_INT = 0x022FDD63CC95386D
+_DEBRUIJN = np.uint64(_DEBRUIJN_INT)
+_DEBRUIJN_TABLE = np.zeros(64, dtype=np.int64)
+for _i in range(64):
+    _DEBRUIJN_TABLE[(((1 << _i) * _DEBRUIJN_INT) & 0xFFFFFFFFFFFFFFFF) >> 58] = _i
+
+
+@numba.njit(cache=True)
+def _remap(indptr, indices, data, col_map, n_target, merge, table):
+    """Map columns to target ids, dropping unmapped columns (col_map -1) and explicitly stored zeros.
+
+    With ``merge``, entries that map to the same target in a row are summed and each row comes out in ascending target
+    order (a scratch accumulator plus a bitmap of touched targets, so no per-row sort).
+    """
+    n = indptr.shape[0] - 1
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    nnz = 0
+    for j in range(indptr[n]):
+        if col_map[indices[j]] >= 0 and data[j] != 0:
+            nnz += 1
+    out_idx = np.empty(nnz, dtype=np.int64)
+    out_val = np.empty(nnz, dtype=np.float64)
+    pos = 0
+    if not merge:
+        for i in range(n):
+            for j in range(indptr[i], indptr[i + 1]):
+                t = col_map[indices[j]]
+                if t >= 0 and data[j] != 0:
+                    out_idx[pos] = t
+                    out_val[pos] = data[j]
+                    pos += 1
+            out_indptr[i + 1] = pos
+        return out_indptr, out_idx, out_val
+    scratch = np.zeros(n_target, dtype=np.float64)
+    n_words = (n_target + 63) // 64
+    bits = np.zeros(n_words, dtype=np.uint64)
+    one = np.uint64(1)
+    for i in range(n):
+        for j in range(indptr[i], indptr[i + 1]):
+            t = col_map[indices[j]]
+            if t >= 0 and data[j] != 0:
+                scratch[t] += data[j]
+                bits[t >> 6] |= one << np.uint64(t & 63)
+        for w in range(n_words):
+            word = bits[w]
+            while word != 0:
+                low = word & (~word + one)  # lowest set bit
+                t = w * 64 + table[(low * _DEBRUIJN) >> np.uint64(58)]
+                out_idx[pos] = t
+                out_val[pos] = scratch[t]
+                scratch[t] = 0.0
+                pos += 1
+                word ^= low
+            bits[w] = 0
+        out_indptr[i + 1] = pos
+    return out_indptr, out_idx[:pos], out_val[:pos]
+
+
+# --- the chunk pipeline -----------------------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """Rows ``[start, start + n_rows)`` of one source, mapped to target ids, with library sizes."""
+
+    start: int
+    indptr: np.ndarray  # (n_rows + 1,) int64
+    indices: np.ndarray  # (nnz,) int64 target ids (ascending per row when ``merge`` was asked for)
+    data: np.ndarray  # (nnz,) float64 counts
+    totals: np.ndarray  # (n_rows,) float64 library size; 0 for cells with no counts at all
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.n_rows, dtype=np.int64)
+
+
+@dataclass
+class SourcePlan:
+    """How one source's columns map to the target index, and where its library sizes come from."""
+
+    col_map: np.ndarray  # (n_vars,) int64 target id or -1
+    merge: bool  # sum duplicate targets / emit ascending ids
+    n_target: int
+    obs_totals: np.ndarray | None = None  # (n_obs,) library sizes from obs, when a key was given
+    allow_non_integer: bool = False
+
+
+def read_obs_totals(source: CountSource, key: str) -> np.ndarray:
+    """``obs[key]`` as float64 library sizes, checked to be finite and non-negative."""
+    column = source.require_obs(key)
+    try:
+        totals = pd.to_numeric(column, errors="raise").to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{source.name}: obs[{key!r}] is not numeric, so it cannot be the library size") from None
+    bad = ~np.isfinite(totals) | (totals < 0)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(f"{source.name}: obs[{key!r}] is {totals[row]} for cell {str(source.obs_names()[row])!r} "
+                         f"(row {row}); library sizes must be finite and >= 0")
+    return totals
+
+
+def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, chunk_size: int,
+                labels: np.ndarray | None = None) -> Iterator[Chunk]:
+    """Read, check and map rows ``[start, stop)`` in chunks of ``chunk_size`` cells.
+
+    ``labels`` (gene names per column) make error messages name the gene; they default to the column number.
+    """
+    for a in range(start, stop, chunk_size):
+        b = min(a + chunk_size, stop)
+        raw = source.read_rows(a, b)
+        totals, bad, kind = _scan(raw.indptr, raw.data, plan.allow_non_integer)
+        if bad >= 0:
+            _raise_bad_value(source, raw, int(bad), int(kind), labels)
+        if plan.obs_totals is not None:
+            obs_totals = plan.obs_totals[a:b]
+            short = obs_totals < totals * (1.0 - 1e-6)
+            if short.any():
+                i = int(np.argmax(short))
+                raise InputError(
+                    f"{source.name}: the library size in obs ({obs_totals[i]:g}) is smaller than the counts in the "
+                    f"matrix ({totals[i]:g}) for cell {str(source.obs_names()[a + i])!r} (row {a + i}); the obs column "
+                    "is not the total count of each cell (leave --total_counts_key out to use row sums)"
+                )
+            totals = np.where(totals > 0, obs_totals, 0.0)
+        indptr, indices, data = _remap(raw.indptr, raw.indices, raw.data, plan.col_map, plan.n_target, plan.merge,
+                                       _DEBRUIJN_TABLE)
+        yield Chunk(a, indptr, indices, data, totals)
+
+
+def _raise_bad_value(source: CountSource, raw: RawChunk, pos: int, kind: int, labels: np.ndarray | None) -> None:
+    row_in_chunk = int(np.searchsorted(raw.indptr, pos, side="right")) - 1
+    row = raw.start + row_in_chunk
+    col = int(raw.indices[pos])
+    gene = f"{str(labels[col])!r} (column {col})" if labels is not None else f"column {col}"
+    cell = str(source.obs_names()[row])
+    hint = (
+        "express expects raw UMI counts; if this matrix is normalised or log-transformed, point to the raw counts "
+        "(e.g. --layer counts or --layer raw)"
+    )
+    if kind == 3:
+        hint += ", or pass --allow_non_integer (allow_non_integer=True) to use non-integer values anyway"
+    raise InvalidCountsError(
+        f"{source.name}: the count matrix holds {_BAD_KINDS[kind]} ({float(raw.data[pos]):g}) at cell {cell!r} "
+        f"(row {row}), gene {gene}; {hint}"
+    )
+
+
+def read_floor(path: str | os.PathLike, chunk_size: int = 2048, layer: str | None = None) -> int:
+    """Read every row of a file in chunks and do nothing else (the I/O floor benchmarks compare against).
+
+    Returns the number of stored entries read."""
+    nnz = 0
+    with H5adSource(path, layer=layer) as source:
+        for a in range(0, source.n_obs, chunk_size):
+            chunk = source.read_rows(a, min(a + chunk_size, source.n_obs))
+            nnz += len(chunk.data)
+    return nnz

@@ -1,0 +1,624 @@
+"""Corpus statistics (``express-tokenize fit`` / ``merge``): per-gene medians, detection, zero fractions, hierarchy.
+
+Fitting streams every input in row chunks (:mod:`tokenizer.io`) and fills a :class:`FitState` of mergeable
+accumulators (:mod:`tokenizer.sketch`): per gene a quantile sketch of ``counts / total * 10_000`` over the cells that
+detect it, the number of such cells, the number of cells in files that measure the gene, a fixed-point projection
+sketch for the hierarchy and, with a donor column, which donors detect and measure it. Worker processes each fill a
+state over their share of row blocks; states add up exactly, so ``--num_workers``, ``--shard`` and ``merge`` of
+separately fitted shards all give the one-pass result. The state is saved as ``sketch.npz`` (plain arrays, no
+pickles) beside the vocabulary.
+
+:func:`finalize_statistics` turns a state into a :class:`~tokenizer.vocab.GeneVocab`: genes detected in at least
+``min_cells`` cells, in gene-id order, with their statistics and a hierarchy from a user TSV or derived from the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import CorruptFileError, InputError
+from .hierarchy import derive_hierarchy, parse_n_groups, read_hierarchy_tsv
+from .io import (
+    CountSource,
+    SourcePlan,
+    column_map,
+    duplicated_targets,
+    file_key,
+    cell_keys,
+    iter_chunks,
+    load_gene_map,
+    open_source,
+    read_gene_columns,
+    read_obs_totals,
+)
+from .output import staged_dir
+from .sketch import _LOG_TABLE, FIXED_POINT, QuantileSketch, _accumulate, _projection_base, profile_table
+from .vocab import SPECIAL_TOKENS, GeneVocab
+
+logger = logging.getLogger(__name__)
+
+SKETCH_FILE = "sketch.npz"
+STATE_VERSION = 1
+# Parameters two states must share to be merged (they define what the accumulators mean).
+_MERGE_KEYS = ("target_sum", "relative_accuracy", "min_value", "max_value", "sketch_dim", "seed", "donor_key")
+
+
+@dataclass
+class FitState:
+    """Mergeable per-gene accumulators over a set of cells (see the module docstring)."""
+
+    gene_ids: np.ndarray  # (n,) str, sorted
+    gene_symbols: np.ndarray  # (n,) str, '' where unknown
+    sketch: QuantileSketch
+    n_cells: np.ndarray  # (n,) int64 cells detecting the gene
+    n_measured: np.ndarray  # (n,) int64 cells in files whose matrix has the gene
+    sum_log: np.ndarray  # (n,) int64 sum of log1p(v) over detecting cells, fixed point
+    proj: np.ndarray  # (n, dim) int64 projection sums, fixed point
+    proj_sum: np.ndarray  # (n, dim) int64 sum of the cells' signs per coordinate over measuring cells
+    donors: np.ndarray  # (n_donors,) str
+    donor_detected: np.ndarray  # (n_donors, n) bool
+    donor_measured: np.ndarray  # (n_donors, n) bool
+    config: dict
+    inputs: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, gene_ids: np.ndarray, config: dict, gene_symbols: np.ndarray | None = None) -> FitState:
+        n, dim = len(gene_ids), int(config["sketch_dim"])
+        sketch = QuantileSketch(n, config["relative_accuracy"], config["min_value"], config["max_value"])
+        return cls(
+            gene_ids=np.asarray(gene_ids, dtype=str),
+            gene_symbols=np.asarray(gene_symbols if gene_symbols is not None else [""] * n, dtype=str),
+            sketch=sketch,
+            n_cells=np.zeros(n, dtype=np.int64),
+            n_measured=np.zeros(n, dtype=np.int64),
+            sum_log=np.zeros(n, dtype=np.int64),
+            proj=np.zeros((n, dim), dtype=np.int64),
+            proj_sum=np.zeros((n, dim), dtype=np.int64),
+            donors=np.zeros(0, dtype=str),
+            donor_detected=np.zeros((0, n), dtype=bool),
+            donor_measured=np.zeros((0, n), dtype=bool),
+            config=dict(config),
+        )
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+    @property
+    def cells_used(self) -> int:
+        return int(sum(i.get("cells_used", 0) for i in self.inputs))
+
+    def add_donors(self, names: Sequence[str]) -> np.ndarray:
+        """Register donor names; return their row in the donor tables."""
+        known = {d: i for i, d in enumerate(self.donors.tolist())}
+        new = [d for d in dict.fromkeys(names) if d not in known]
+        if new:
+            self.donors = np.concatenate([self.donors, np.asarray(new, dtype=str)])
+            pad = np.zeros((len(new), self.n_genes), dtype=bool)
+            self.donor_detected = np.vstack([self.donor_detected, pad])
+            self.donor_measured = np.vstack([self.donor_measured, pad])
+            known.update({d: len(known) + i for i, d in enumerate(new)})
+        return np.array([known[d] for d in names], dtype=np.int64)
+
+    # --- merging ---------------------------------------------------------------------------------------------------
+    def merge(self, other: FitState) -> FitState:
+        """The state of both sets of cells (genes and donors aligned by name). ``self`` is updated and returned."""
+        for key in _MERGE_KEYS:
+            if self.config.get(key) != other.config.get(key):
+                raise InputError(f"cannot merge statistics fitted with different {key} "
+                                 f"({self.config.get(key)!r} vs {other.config.get(key)!r})")
+        if not np.array_equal(self.gene_ids, other.gene_ids):
+            genes = np.union1d(self.gene_ids, other.gene_ids)
+            self._reindex(genes)
+            other = _copy_reindexed(other, genes)
+        self.gene_symbols = _merge_symbols(self.gene_symbols, other.gene_symbols)
+        self.sketch.merge(other.sketch)
+        self.n_cells += other.n_cells
+        self.n_measured += other.n_measured
+        self.sum_log += other.sum_log
+        self.proj += other.proj
+        self.proj_sum += other.proj_sum
+        rows = self.add_donors(other.donors.tolist())
+        self.donor_detected[rows] |= other.donor_detected
+        self.donor_measured[rows] |= other.donor_measured
+        self.inputs = _merge_inputs(self.inputs, other.inputs)
+        return self
+
+    def _reindex(self, genes: np.ndarray) -> None:
+        new = _copy_reindexed(self, genes)
+        self.__dict__.update(new.__dict__)
+
+    def canonical(self) -> FitState:
+        """Donors in sorted order, so equal sets of cells give identical states whatever the merge order."""
+        order = np.argsort(self.donors, kind="stable")
+        self.donors = self.donors[order]
+        self.donor_detected = self.donor_detected[order]
+        self.donor_measured = self.donor_measured[order]
+        return self
+
+    # --- persistence -----------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        counts = self.sketch.counts
+        genes, buckets = np.nonzero(counts)
+        meta = {"version": STATE_VERSION, "config": self.config, "inputs": self.inputs}
+        np.savez_compressed(
+            Path(directory) / SKETCH_FILE,
+            gene_ids=self.gene_ids, gene_symbols=self.gene_symbols,
+            hist_gene=genes.astype(np.int32), hist_bucket=buckets.astype(np.int32),
+            hist_count=counts[genes, buckets].astype(np.uint64),
+            n_cells=self.n_cells, n_measured=self.n_measured, sum_log=self.sum_log,
+            proj=self.proj, proj_sum=self.proj_sum, donors=self.donors,
+            donor_detected=np.packbits(self.donor_detected, axis=1) if self.donor_detected.size else
+            np.zeros((len(self.donors), 0), dtype=np.uint8),
+            donor_measured=np.packbits(self.donor_measured, axis=1) if self.donor_measured.size else
+            np.zeros((len(self.donors), 0), dtype=np.uint8),
+            meta=np.array(json.dumps(meta)),
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> FitState:
+        path = Path(directory) / SKETCH_FILE
+        if not path.is_file():
+            raise InputError(f"{directory} holds no {SKETCH_FILE}; merge needs folders written by "
+                             "`express-tokenize fit`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(str(arrays["meta"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise CorruptFileError(f"{path} is not a readable statistics sketch ({err})") from None
+        if meta.get("version") != STATE_VERSION:
+            raise CorruptFileError(f"{path} has sketch format version {meta.get('version')}, expected {STATE_VERSION}")
+        n = len(arrays["gene_ids"])
+        state = cls.empty(arrays["gene_ids"], meta["config"], arrays["gene_symbols"])
+        counts = np.zeros((n, state.sketch.n_buckets), dtype=np.uint64)
+        counts[arrays["hist_gene"], arrays["hist_bucket"]] = arrays["hist_count"]
+        if counts.max(initial=0) < 2**32:
+            counts = counts.astype(np.uint32)
+        state.sketch.counts = counts
+        for name in ("n_cells", "n_measured", "sum_log", "proj", "proj_sum"):
+            setattr(state, name, arrays[name].astype(np.int64))
+        state.donors = arrays["donors"].astype(str)
+        for name in ("donor_detected", "donor_measured"):
+            packed = arrays[name]
+            setattr(state, name, np.unpackbits(packed, axis=1, count=n).astype(bool) if packed.size else
+                    np.zeros((len(state.donors), n), dtype=bool))
+        state.inputs = meta["inputs"]
+        return state
+
+
+def _copy_reindexed(state: FitState, genes: np.ndarray) -> FitState:
+    pos = pd.Index(genes).get_indexer(pd.Index(state.gene_ids))
+    new = FitState.empty(genes, state.config)
+    symbols = np.full(len(genes), "", dtype=object)
+    symbols[pos] = state.gene_symbols
+    new.gene_symbols = symbols.astype(str)
+    new.sketch.counts = np.zeros((len(genes), state.sketch.n_buckets), dtype=state.sketch.counts.dtype)
+    new.sketch.counts[pos] = state.sketch.counts
+    for name in ("n_cells", "n_measured", "sum_log", "proj", "proj_sum"):
+        getattr(new, name)[pos] = getattr(state, name)
+    new.donors = state.donors.copy()
+    new.donor_detected = np.zeros((len(state.donors), len(genes)), dtype=bool)
+    new.donor_detected[:, pos] = state.donor_detected
+    new.donor_measured = np.zeros((len(state.donors), len(genes)), dtype=bool)
+    new.donor_measured[:, pos] = state.donor_measured
+    new.inputs = list(state.inputs)
+    return new
+
+
+def _merge_symbols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per gene the smallest non-empty symbol (an order-independent choice)."""
+    a, b = a.astype(object), b.astype(object)
+    pick_b = (a == "") | ((b != "") & (b < a))
+    return np.where(pick_b, b, a).astype(str)
+
+
+def _merge_inputs(a: list[dict], b: list[dict]) -> list[dict]:
+    """Concatenate input summaries; different row shards of one file (``--shard``) add up into one entry."""
+    out = [dict(i) for i in a]
+    for item in b:
+        same = [o for o in out if o["path"] == item["path"]]
+        shards = [s for o in same for s in o.get("shards", [])]
+        if same and item.get("shards") and shards and not set(shards) & set(item["shards"]):
+            target = same[0]
+            for k in ("cells_used", "cells_skipped_zero_counts"):
+                target[k] = target.get(k, 0) + item.get(k, 0)
+            target["shards"] = sorted(set(shards) | set(item["shards"]))
+            continue
+        if same:
+            logger.warning("%s appears in more than one merged folder; its cells are counted more than once",
+                           item["path"])
+        out.append(dict(item))
+    return out
+
+
+# --- fitting ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _FitJob:
+    """Everything a worker needs (picklable)."""
+
+    inputs: list  # paths (str) or in-memory AnnData objects
+    units: list[tuple[int, int, int]]  # (input index, first row, end row)
+    gene_ids: np.ndarray
+    config: dict
+    gene_map: dict | None
+    chunk_size: int
+
+
+def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
+    cfg = job.config
+    state = FitState.empty(job.gene_ids, cfg)
+    target = pd.Index(job.gene_ids)
+    proj_base = _projection_base(int(cfg["seed"]))
+    sign_sum = np.zeros(state.proj.shape[1], dtype=np.int64)
+    profile = profile_table(state.sketch)
+    opened: dict[int, tuple] = {}
+    per_input: dict[int, dict] = {}
+    try:
+        for index, start, stop in job.units:
+            if index not in opened:
+                source = open_source(job.inputs[index], layer=cfg["layer"])
+                genes = read_gene_columns(source, gene_id_key=cfg["gene_id_key"], gene_map=job.gene_map)
+                col_map = column_map(genes.ids, target)
+                merge = len(duplicated_targets(col_map)) > 0
+                totals = read_obs_totals(source, cfg["total_counts_key"]) if cfg["total_counts_key"] else None
+                plan = SourcePlan(col_map, merge, len(target), totals, cfg["allow_non_integer"])
+                measured = np.unique(col_map[col_map >= 0])
+                if cfg["donor_key"]:
+                    names = source.require_obs(cfg["donor_key"]).astype(object)
+                    missing = names.isna().to_numpy()
+                    names = names.astype(str).to_numpy()
+                    codes = state.add_donors(names.tolist())
+                    codes[missing] = -1
+                else:
+                    codes = np.full(source.n_obs, -1, dtype=np.int64)
+                opened[index] = (source, plan, genes.labels, measured, codes, file_key(source.name))
+            source, plan, labels, measured, codes, key = opened[index]
+            summary = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
+            for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels):
+                sign_sum[:] = 0
+                chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
+                used = _accumulate(
+                    chunk.indptr, chunk.indices, chunk.data, chunk.totals, cell_keys(key, chunk.rows), chunk_codes,
+                    float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset, state.sketch.counts,
+                    state.n_cells, state.sum_log, state.proj, proj_base, state.donor_detected, sign_sum, profile,
+                    _LOG_TABLE,
+                )
+                if used:
+                    state.n_measured[measured] += used
+                    state.proj_sum[measured] += sign_sum
+                    present = np.unique(chunk_codes[(chunk.totals > 0) & (chunk_codes >= 0)])
+                    if len(present):
+                        state.donor_measured[np.ix_(present, measured)] = True
+                summary["cells_used"] += int(used)
+                summary["cells_skipped_zero_counts"] += chunk.n_rows - int(used)
+                report(chunk.n_rows)
+    finally:
+        for source, *_ in opened.values():
+            source.close()
+    state.inputs = [{"index": i, **s} for i, s in per_input.items()]
+    return state
+
+
+def _describe_input(item, index: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"<AnnData #{index}>"
+
+
+def _plan_units(n_obs: Sequence[int], block: int) -> list[tuple[int, int, int]]:
+    return [(i, a, min(a + block, n)) for i, n in enumerate(n_obs) for a in range(0, n, block)]
+
+
+def _block_size(total: int, num_workers: int, chunk_size: int) -> int:
+    """Rows per work unit: enough units to balance the workers, whole chunks, at most 65,536 rows."""
+    per = -(-total // max(1, 4 * num_workers))
+    per = max(chunk_size, min(65_536, per))
+    return -(-per // chunk_size) * chunk_size
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            i, n = (int(s) for s in spec.split("/"))
+        except ValueError:
+            raise InputError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    else:
+        i, n = spec
+    if not 0 <= i < n:
+        raise InputError(f"--shard I/N needs 0 <= I < N, got {i}/{n}")
+    return i, n
+
+
+def accumulate_statistics(
+    inputs: Sequence,
+    *,
+    gene_id_key: str | None = None,
+    gene_map: str | os.PathLike | dict | None = None,
+    layer: str | None = None,
+    total_counts_key: str | None = None,
+    donor_key: str | None = None,
+    allow_non_integer: bool = False,
+    relative_accuracy: float = 0.005,
+    min_value: float = 1e-3,
+    max_value: float = 1e4,
+    sketch_dim: int = 128,
+    seed: int = 0,
+    target_sum: float = 10_000.0,
+    num_workers: int = 1,
+    chunk_size: int = 2048,
+    shard: str | tuple[int, int] | None = None,
+    progress: bool = True,
+) -> FitState:
+    """Stream the inputs once and return their mergeable :class:`FitState` (no vocabulary yet)."""
+    if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "obs"):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise InputError("no input files given")
+    if chunk_size < 1 or num_workers < 1:
+        raise InputError("chunk_size and num_workers must be >= 1")
+    shard = parse_shard(shard)
+    gene_map_dict = load_gene_map(gene_map) if isinstance(gene_map, (str, os.PathLike)) else gene_map
+    config = {
+        "target_sum": float(target_sum), "relative_accuracy": float(relative_accuracy), "min_value": float(min_value),
+        "max_value": float(max_value), "sketch_dim": int(sketch_dim), "seed": int(seed), "donor_key": donor_key,
+        "gene_id_key": gene_id_key, "total_counts_key": total_counts_key, "layer": layer,
+        "allow_non_integer": bool(allow_non_integer),
+        "gene_map": str(gene_map) if isinstance(gene_map, (str, os.PathLike)) else None,
+    }
+
+    # 1. the corpus gene list: the union of every input's mapped gene ids (var tables are small)
+    described, n_obs, all_ids, symbols = [], [], [], {}
+    for index, item in enumerate(inputs):
+        with _opened(item, layer) as source:
+            genes = read_gene_columns(source, gene_id_key=gene_id_key, gene_map=gene_map_dict)
+            for key in (total_counts_key, donor_key):
+                if key:
+                    source.require_obs(key)
+            keep = genes.ids != ""
+            ids = genes.ids[keep]
+            uniq, counts = np.unique(ids, return_counts=True)
+            dups = uniq[counts > 1]
+            if len(dups):
+                logger.warning("%s: %d gene ids occur more than once (e.g. %s); their counts are summed",
+                               source.name, len(dups), ", ".join(dups[:5]))
+            if genes.n_empty:
+                logger.warning("%s: %d genes have an empty id and are left out", source.name, genes.n_empty)
+            if genes.n_unmapped:
+                logger.warning("%s: %d gene ids are not in the gene map and are left out", source.name,
+                               genes.n_unmapped)
+            for gid, sym in zip(ids, genes.symbols[keep]):
+                if sym and (gid not in symbols or sym < symbols[gid]):
+                    symbols[gid] = sym
+            all_ids.append(uniq)
+            n_obs.append(source.n_obs)
+            described.append({
+                "path": _describe_input(item, index), "cells": int(source.n_obs), "genes": int(len(uniq)),
+                "genes_empty_id": genes.n_empty, "genes_unmapped": genes.n_unmapped,
+                "duplicate_gene_ids": int(len(dups)),
+            })
+    gene_ids = np.unique(np.concatenate(all_ids)) if all_ids else np.zeros(0, dtype=str)
+    if len(gene_ids) == 0:
+        raise InputError("the inputs hold no usable gene ids (check --gene_id_key / --gene_map)")
+
+    # 2. row blocks, optionally one shard of them, spread over the workers
+    in_memory = any(not isinstance(item, (str, os.PathLike)) for item in inputs)
+    if in_memory and num_workers > 1:
+        logger.info("in-memory AnnData inputs are processed in this process (num_workers ignored)")
+        num_workers = 1
+    units = _plan_units(n_obs, _block_size(sum(n_obs), num_workers, chunk_size))
+    if shard is not None:
+        units = [u for k, u in enumerate(units) if k % shard[1] == shard[0]]
+        config["shard"] = f"{shard[0]}/{shard[1]}"
+    total = sum(b - a for _, a, b in units)
+    n_jobs = max(1, min(num_workers, len(units)))
+    jobs = [_FitJob([str(i) if isinstance(i, os.PathLike) else i for i in inputs], units[w::n_jobs], gene_ids,
+                    config, gene_map_dict, chunk_size) for w in range(n_jobs)]
+    from .parallel import run_tasks
+
+    states = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress)
+
+    # 3. add the workers' states up, attach per-input summaries
+    gene_symbols = np.array([symbols.get(g, "") for g in gene_ids], dtype=object).astype(str)
+    per_input: dict[int, dict] = {}
+    for part in states:
+        for item in part.inputs:
+            acc = per_input.setdefault(item["index"], {"cells_used": 0, "cells_skipped_zero_counts": 0})
+            acc["cells_used"] += item["cells_used"]
+            acc["cells_skipped_zero_counts"] += item["cells_skipped_zero_counts"]
+        part.inputs = []
+        part.gene_symbols = gene_symbols
+    state = states[0]
+    for part in states[1:]:
+        state.merge(part)
+    state.inputs = []
+    for index, desc in enumerate(described):
+        if index in per_input:
+            entry = {**desc, **per_input[index]}
+            if shard is not None:
+                entry["shards"] = [config["shard"]]
+            state.inputs.append(entry)
+    return state.canonical()
+
+
+class _opened:
+    """Context manager that opens an input and closes it only if we opened it."""
+
+    def __init__(self, item, layer):
+        self.item, self.layer = item, layer
+
+    def __enter__(self) -> CountSource:
+        self.source = open_source(self.item, layer=self.layer)
+        return self.source
+
+    def __exit__(self, *exc) -> None:
+        self.source.close()
+
+
+def finalize_statistics(
+    state: FitState,
+    *,
+    min_cells: int = 1,
+    n_groups: str | Sequence[int] | None = "auto",
+    hierarchy: str | os.PathLike | None = None,
+    hierarchy_seed: int = 0,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+) -> GeneVocab:
+    """The vocabulary with statistics from an accumulated (and possibly merged) :class:`FitState`."""
+    if min_cells < 1:
+        raise InputError(f"min_cells must be >= 1 (a gene needs detections for its median), got {min_cells}")
+    keep = state.n_cells >= min_cells
+    if not keep.any():
+        raise InputError(f"no gene is detected in >= {min_cells} cells; lower --min_cells")
+    medians = state.sketch.medians()[keep]
+    n_cells = state.n_cells[keep]
+    n_measured = state.n_measured[keep]
+    zero_fraction = 1.0 - n_cells / np.maximum(n_measured, 1)
+    donor_zero = None
+    if state.config.get("donor_key"):
+        measured = state.donor_measured[:, keep]
+        never = measured & ~state.donor_detected[:, keep]
+        n_donors = measured.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            donor_zero = np.where(n_donors > 0, never.sum(0) / n_donors, np.nan)
+    gene_ids = state.gene_ids[keep].tolist()
+    hierarchy_meta: dict
+    if hierarchy is not None:
+        group_ids, levels, hierarchy_meta = read_hierarchy_tsv(hierarchy, gene_ids)
+    else:
+        sizes = parse_n_groups(n_groups, len(gene_ids))
+        vectors = profile_vectors(state)[keep]
+        group_ids = derive_hierarchy(vectors, sizes, seed=hierarchy_seed)
+        hierarchy_meta = {"source": "derived", "method": "nested k-means on projection sketches",
+                          "n_groups_requested": sizes, "seed": hierarchy_seed,
+                          "sketch_dim": int(state.config["sketch_dim"])}
+    alpha = state.config["relative_accuracy"]
+    meta = {
+        "kind": "express statistics",
+        "inputs": state.inputs,
+        "cells_used": state.cells_used,
+        "cells_skipped_zero_counts": int(sum(i.get("cells_skipped_zero_counts", 0) for i in state.inputs)),
+        "genes_in_corpus": state.n_genes,
+        "genes_below_min_cells": int((~keep).sum()),
+        "min_cells": int(min_cells),
+        "median": {
+            "of": "counts / total_counts * target_sum over the cells detecting the gene",
+            "sketch": "per-gene log-bucket histogram (DDSketch layout)",
+            "relative_error_bound": alpha,
+            "exact_range": [state.config["min_value"], state.config["max_value"]],
+        },
+        "zero_fraction": "share of cells, in files whose matrix has the gene, with a zero count",
+        "hierarchy": hierarchy_meta,
+        "config": state.config,
+        "n_donors": int(len(state.donors)),
+    }
+    return GeneVocab(
+        gene_ids=gene_ids,
+        medians=medians,
+        n_cells=n_cells,
+        zero_fraction=zero_fraction,
+        group_ids=group_ids,
+        donor_zero_fraction=donor_zero,
+        gene_symbols=state.gene_symbols[keep].tolist(),
+        meta=meta,
+        special_tokens=tuple(special_tokens),
+    )
+
+
+def profile_vectors(state: FitState) -> np.ndarray:
+    """Unit-length, centred projection sketches of each gene's log-normalised profile (``(n, dim)`` float64)."""
+    proj = state.proj.astype(np.float64) / FIXED_POINT
+    mean = state.sum_log.astype(np.float64) / FIXED_POINT / np.maximum(state.n_measured, 1)
+    centred = proj - mean[:, None] * state.proj_sum
+    norm = np.linalg.norm(centred, axis=1, keepdims=True)
+    return np.divide(centred, norm, out=np.zeros_like(centred), where=norm > 0)
+
+
+def _save(state: FitState, vocab: GeneVocab, out_dir, overwrite: bool) -> None:
+    with staged_dir(out_dir, overwrite) as tmp:
+        vocab.save(tmp)
+        state.save(tmp)
+    logger.info("wrote %d genes (+%d special tokens) to %s", vocab.n_genes, vocab.n_special, out_dir)
+
+
+def fit_statistics(
+    inputs: Sequence,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    min_cells: int = 1,
+    n_groups: str | Sequence[int] | None = "auto",
+    hierarchy: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **kwargs,
+) -> GeneVocab:
+    """Fit corpus statistics and the vocabulary over h5ad files (or AnnData objects), streaming them in chunks.
+
+    Args:
+        inputs: h5ad paths (or in-memory AnnData objects).
+        out_dir: folder to write ``vocab.json``, ``gene_stats.parquet``, ``stats.json`` and ``sketch.npz`` to
+            (written to a temporary sibling, then renamed); ``None`` to only return the vocabulary.
+        min_cells: genes detected in fewer cells are left out of the vocabulary.
+        n_groups: groups per hierarchy level when derived from the corpus (``"64,8"``, ``"auto"``, ``None``).
+        hierarchy: a TSV (header; ``gene_id``, one column per level) to take the groups from instead.
+        overwrite: replace an existing ``out_dir``.
+        **kwargs: passed to :func:`accumulate_statistics`: ``gene_id_key``, ``gene_map`` (JSON file or dict),
+            ``layer``, ``total_counts_key``, ``donor_key``, ``allow_non_integer``, ``relative_accuracy``,
+            ``sketch_dim``, ``seed``, ``num_workers``, ``chunk_size``, ``shard`` (``"i/n"``), ``progress``.
+
+    Returns:
+        The :class:`~tokenizer.vocab.GeneVocab` with medians, detection counts, zero fractions and group ids.
+    """
+    if out_dir is not None:
+        from .output import check_output
+
+        check_output(out_dir, overwrite)  # fail before the work, not after
+    state = accumulate_statistics(inputs, **kwargs)
+    vocab = finalize_statistics(state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy,
+                                hierarchy_seed=state.config["seed"])
+    if out_dir is not None:
+        _save(state, vocab, out_dir, overwrite)
+    return vocab
+
+
+def merge_statistics(
+    stats_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    min_cells: int = 1,
+    n_groups: str | Sequence[int] | None = "auto",
+    hierarchy: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> GeneVocab:
+    """Merge statistics folders fitted on separate shards into exactly the one-pass result.
+
+    Each folder must come from ``fit`` (it holds ``sketch.npz``); the vocabulary is rebuilt from the summed state
+    with ``min_cells``, ``n_groups`` and ``hierarchy`` as in :func:`fit_statistics`.
+    """
+    if isinstance(stats_dirs, (str, os.PathLike)):
+        stats_dirs = [stats_dirs]
+    if not stats_dirs:
+        raise InputError("no statistics folders given to merge")
+    if out_dir is not None:
+        from .output import check_output
+
+        check_output(out_dir, overwrite)
+    state = FitState.load(stats_dirs[0])
+    for directory in stats_dirs[1:]:
+        state.merge(FitState.load(directory))
+    state.config.pop("shard", None)
+    state.canonical()
+    vocab = finalize_statistics(state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy,
+                                hierarchy_seed=state.config["seed"])
+    vocab.meta["merged_from"] = [str(d) for d in stats_dirs]
+    if out_dir is not None:
+        _save(state, vocab, out_dir, overwrite)
+    return vocab

@@ -1,0 +1,625 @@
+"""Tokenization (``express-tokenize tokenize``): h5ad files in, a Hugging Face ``datasets`` folder out.
+
+Every input is read in row chunks; each chunk is mapped to vocabulary token ids, checked, and encoded by
+:func:`tokenizer.encode.rank_encode` (compiled, no per-cell Python), then turned into an Arrow record batch straight
+from the flat token arrays and their offsets. Work is split into row blocks; with ``num_workers > 1`` worker processes
+each write their blocks to their own Arrow files, and the dataset lists the files in block order, so rows keep the
+input order (file by file, cell by cell) whatever the number of workers. Zero sampling is seeded per cell from the
+global seed and a key made of the file name and the row, so it does not depend on chunking or workers either.
+
+Output folder (see CONTRACTS.md): ``data-*.arrow`` + ``state.json`` + ``dataset_info.json`` (readable with
+``datasets.load_from_disk``), ``vocab.json``/``gene_stats.parquet``/``stats.json`` (``GeneVocab.load`` works on the
+folder), and ``manifest.json`` (mode, parameters, inputs, counts of cells and genes kept and dropped, and why). It is
+written to a temporary sibling and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .encode import mix_seeds, rank_encode
+from .errors import InputError
+from .geneformer import GeneformerDicts, geneformer_settings, load_geneformer_dicts
+from .io import (
+    Chunk,
+    CountSource,
+    SourcePlan,
+    cell_keys,
+    column_map,
+    duplicated_targets,
+    file_key,
+    iter_chunks,
+    load_gene_map,
+    open_source,
+    read_gene_columns,
+    read_obs_totals,
+)
+from .output import check_output, staged_dir
+from .parallel import run_tasks
+from .vocab import GeneVocab
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+RESERVED_COLUMNS = ("input_ids", "values", "is_zero", "group_ids", "length", "total_counts", "cell_id", "source",
+                    "counts_ids", "counts")
+
+
+@dataclass
+class EncodeSpec:
+    """How cells are encoded (the part of the parameters every worker needs)."""
+
+    mode: str  # "express" or "geneformer"
+    top_k: int
+    n_zeros: int
+    seed: int
+    target_sum: float
+    cls_id: int | None
+    eos_id: int | None
+    keep_counts: bool
+    medians: np.ndarray  # (vocab_size,) per token id
+    group_ids: np.ndarray  # (vocab_size, n_levels) int32, 0 for special tokens
+
+    @property
+    def with_groups(self) -> bool:
+        return self.mode == "express"
+
+
+@dataclass
+class SourceInfo:
+    """What planning learned about one input (sent to workers)."""
+
+    index: int
+    item: object  # path (str) or AnnData
+    name: str
+    stem: str
+    n_obs: int
+    col_map: np.ndarray  # (n_vars,) token id or -1
+    labels: np.ndarray  # (n_vars,) var names, for messages
+    merge: bool
+    report: dict = field(default_factory=dict)
+
+
+# --- schema -----------------------------------------------------------------------------------------------------------
+def _obs_arrow_type(values: pd.Series) -> pa.DataType:
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype) or dtype == object or pd.api.types.is_string_dtype(dtype):
+        return pa.string()
+    if pd.api.types.is_bool_dtype(dtype):
+        return pa.bool_()
+    if pd.api.types.is_integer_dtype(dtype):
+        return pa.int64()
+    if pd.api.types.is_float_dtype(dtype):
+        return pa.float64()
+    return pa.string()
+
+
+def _unify(types: list[pa.DataType]) -> pa.DataType:
+    if all(t == types[0] for t in types):
+        return types[0]
+    if all(t in (pa.int64(), pa.float64()) for t in types):
+        return pa.float64()
+    return pa.string()
+
+
+def _obs_to_arrow(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
+    if arrow_type == pa.string():
+        obj = values.astype(object)
+        mask = obj.isna().to_numpy()
+        text = obj.astype(str).to_numpy()
+        return pa.array(text, type=pa.string(), mask=mask)
+    return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
+
+
+def dataset_schema(spec: EncodeSpec, obs_types: dict[str, pa.DataType]) -> pa.Schema:
+    """The Arrow schema of a tokenized dataset (column order as in CONTRACTS.md)."""
+    fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("values", pa.list_(pa.float32()))]
+    if spec.with_groups:
+        fields += [pa.field("is_zero", pa.list_(pa.int8())), pa.field("group_ids", pa.list_(pa.list_(pa.int32())))]
+    fields += [pa.field("length", pa.int32()), pa.field("total_counts", pa.float64()),
+               pa.field("cell_id", pa.string()), pa.field("source", pa.string())]
+    fields += [pa.field(k, t) for k, t in obs_types.items()]
+    if spec.keep_counts:
+        fields += [pa.field("counts_ids", pa.list_(pa.int32())), pa.field("counts", pa.list_(pa.int32()))]
+    return pa.schema(fields)
+
+
+# --- encoding one chunk -----------------------------------------------------------------------------------------------
+def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), pa.array(values))
+
+
+def _nested_groups(input_ids: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> pa.Array:
+    """``group_ids`` as one list per hierarchy level per cell, each aligned with the cell's ``input_ids``."""
+    n_cells, n_levels = len(offsets) - 1, table.shape[1]
+    outer = np.arange(0, n_cells * n_levels + 1, n_levels, dtype=np.int32) if n_levels else np.zeros(n_cells + 1,
+                                                                                                      np.int32)
+    if n_levels == 0:
+        return pa.ListArray.from_arrays(pa.array(outer), pa.array([], type=pa.list_(pa.int32())))
+    lengths = np.diff(offsets)
+    groups = table[input_ids]  # (n_tokens, n_levels)
+    # cell-major, then level, then token: token p of cell i at level l goes to L * o_i + l * n_i + p
+    cell = np.repeat(np.arange(n_cells), lengths)
+    within = np.arange(len(input_ids)) - offsets[:-1][cell]
+    base = n_levels * offsets[:-1][cell] + within
+    values = np.empty(len(input_ids) * n_levels, dtype=np.int32)
+    for level in range(n_levels):
+        values[base + level * lengths[cell]] = groups[:, level]
+    inner = (n_levels * offsets[:-1])[:, None] + np.arange(n_levels)[None, :] * lengths[:, None]
+    inner = np.append(inner.ravel(), len(values)).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(values)))
+
+
+@dataclass
+class _Context:
+    """An opened source with everything needed to encode its chunks."""
+
+    info: SourceInfo
+    source: CountSource
+    plan: SourcePlan
+    candidates: np.ndarray
+    key: int
+    obs_names: np.ndarray
+    obs: dict[str, pa.Array]
+
+
+def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType], spec: EncodeSpec) -> _Context:
+    source = open_source(info.item, layer=cfg["layer"])
+    totals = read_obs_totals(source, cfg["total_counts_key"]) if cfg["total_counts_key"] else None
+    plan = SourcePlan(info.col_map, info.merge, len(spec.medians), totals, cfg["allow_non_integer"])
+    candidates = np.unique(info.col_map[info.col_map >= 0])
+    obs = {k: _obs_to_arrow(source.require_obs(k).reset_index(drop=True), t) for k, t in obs_types.items()}
+    return _Context(info, source, plan, candidates, file_key(source.name), source.obs_names(), obs)
+
+
+def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Schema, counters: dict
+                  ) -> pa.RecordBatch | None:
+    detected = np.diff(chunk.indptr)
+    no_counts = chunk.totals <= 0
+    no_genes = ~no_counts & (detected == 0)
+    keep = ~(no_counts | no_genes)
+    counters["skipped_zero_counts"] += int(no_counts.sum())
+    counters["skipped_no_vocabulary_genes"] += int(no_genes.sum())
+    rows = chunk.rows[keep]
+    if len(rows) == 0:
+        return None
+    indptr, indices, data, totals = chunk.indptr, chunk.indices, chunk.data, chunk.totals
+    if not keep.all():
+        entry_keep = np.repeat(keep, detected)
+        indices, data = indices[entry_keep], data[entry_keep]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(detected[keep], out=indptr[1:])
+        totals = totals[keep]
+    seeds = mix_seeds(spec.seed, cell_keys(ctx.key, rows)) if spec.n_zeros > 0 else None
+    tokens = rank_encode(
+        indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
+        zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
+        cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum,
+    )
+    lengths = tokens.lengths
+    counters["written"] += len(rows)
+    counters["tokens"] += int(tokens.offsets[-1])
+    counters["length_hist"] = _add_hist(counters.get("length_hist"), np.bincount(lengths))
+    columns: dict[str, pa.Array] = {
+        "input_ids": _list(tokens.offsets, tokens.input_ids),
+        "values": _list(tokens.offsets, tokens.values),
+    }
+    if spec.with_groups:
+        columns["is_zero"] = _list(tokens.offsets, tokens.is_zero)
+        columns["group_ids"] = _nested_groups(tokens.input_ids, tokens.offsets, spec.group_ids)
+    columns["length"] = pa.array(lengths)
+    columns["total_counts"] = pa.array(totals)
+    columns["cell_id"] = pa.array(ctx.obs_names[rows], type=pa.string())
+    columns["source"] = pa.repeat(pa.scalar(ctx.info.stem, pa.string()), len(rows))
+    if ctx.obs:
+        take = pa.array(rows)
+        for key, values in ctx.obs.items():
+            columns[key] = values.take(take)
+    if spec.keep_counts:
+        columns["counts_ids"] = _list(indptr, indices.astype(np.int32))
+        columns["counts"] = _list(indptr, data.astype(np.int32))
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _add_hist(a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
+    if a is None:
+        return b
+    if len(a) < len(b):
+        a, b = b, a
+    a = a.copy()
+    a[: len(b)] += b
+    return a
+
+
+def _new_counters() -> dict:
+    return {"written": 0, "skipped_zero_counts": 0, "skipped_no_vocabulary_genes": 0, "tokens": 0,
+            "length_hist": None}
+
+
+def iter_record_batches(ctx: _Context, start: int, stop: int, spec: EncodeSpec, schema: pa.Schema,
+                        chunk_size: int, counters: dict, report: Callable[[int], None] | None = None
+                        ) -> Iterator[pa.RecordBatch]:
+    for chunk in iter_chunks(ctx.source, ctx.plan, start, stop, chunk_size, ctx.info.labels):
+        batch = _encode_chunk(ctx, chunk, spec, schema, counters)
+        if report is not None:
+            report(chunk.n_rows)
+        if batch is not None:
+            yield batch
+
+
+# --- workers ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    index: int
+    source: SourceInfo
+    start: int
+    stop: int
+    path: str  # Arrow file to write
+    spec: EncodeSpec
+    obs_types: dict
+    schema: pa.Schema
+    cfg: dict
+
+
+_CONTEXTS: dict[tuple, _Context] = {}  # per process: opened sources, reused by the units of the same file
+
+
+def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
+    key = (unit.source.index, unit.source.name)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        for old in list(_CONTEXTS):  # one file open at a time per process
+            _CONTEXTS.pop(old).source.close()
+        ctx = _CONTEXTS[key] = _open_context(unit.source, unit.cfg, unit.obs_types, unit.spec)
+    counters = _new_counters()
+    with pa.OSFile(unit.path, "wb") as sink, pa.ipc.new_stream(sink, unit.schema) as writer:
+        for batch in iter_record_batches(ctx, unit.start, unit.stop, unit.spec, unit.schema,
+                                         unit.cfg["chunk_size"], counters, report):
+            writer.write_batch(batch)
+    counters["source"] = unit.source.index
+    return counters
+
+
+def _close_contexts() -> None:
+    for key in list(_CONTEXTS):
+        _CONTEXTS.pop(key).source.close()
+
+
+# --- planning ---------------------------------------------------------------------------------------------------------
+@dataclass
+class _Mode:
+    vocab: GeneVocab
+    collapse: dict | None  # Geneformer's id-collapsing map (upper-cased id -> dictionary id)
+    name: str
+    top_k: int
+    n_zeros: int
+    cls_id: int | None
+    eos_id: int | None
+    params: dict
+
+
+def _resolve_mode(vocab, geneformer_dicts, model_input_size, top_k, n_zeros) -> _Mode:
+    """The vocabulary, id-collapsing map and encoding settings of express or Geneformer mode."""
+    if geneformer_dicts is not None:
+        if vocab is not None:
+            raise InputError("give either a statistics folder / vocabulary or Geneformer dictionaries, not both")
+        dicts = geneformer_dicts if isinstance(geneformer_dicts, GeneformerDicts) else \
+            load_geneformer_dicts(geneformer_dicts)
+        k, cls_id, eos_id = geneformer_settings(dicts, model_input_size)
+        size = k + (cls_id is not None) + (eos_id is not None)
+        return _Mode(dicts.vocab, dicts.mapping, "geneformer", k, 0, cls_id, eos_id,
+                     {"geneformer_dicts": str(dicts.directory), "model_input_size": size})
+    if vocab is None:
+        raise InputError("tokenize needs a statistics folder (--stats, from `express-tokenize fit`) or Geneformer "
+                         "dictionaries (--geneformer_dicts)")
+    if model_input_size is not None:
+        raise InputError("--model_input_size only applies with --geneformer_dicts")
+    if top_k < 1 or n_zeros < 0:
+        raise InputError(f"top_k must be >= 1 and n_zeros >= 0, got {top_k} and {n_zeros}")
+    if not isinstance(vocab, GeneVocab):
+        vocab = GeneVocab.load(vocab)
+    return _Mode(vocab, None, "express", top_k, n_zeros, vocab.cls_id, None, {})
+
+
+def _plan_sources(inputs, vocab: GeneVocab, collapse: dict | None, cfg: dict, obs_keys: Sequence[str],
+                  gene_map: dict | None, keep_counts: bool) -> tuple[list[SourceInfo], dict]:
+    infos, obs_series_types = [], {k: [] for k in obs_keys}
+    target = pd.Index(vocab.gene_ids)
+    for index, item in enumerate(inputs):
+        source = open_source(item, layer=cfg["layer"])
+        try:
+            genes = read_gene_columns(source, gene_id_key=cfg["gene_id_key"], gene_map=gene_map)
+            ids = genes.ids
+            n_uncollapsed = 0
+            if collapse is not None:
+                mapped = pd.Series(ids).str.upper().map(collapse)
+                n_uncollapsed = int((mapped.isna() & (pd.Series(ids) != "")).sum())
+                ids = mapped.fillna("").to_numpy(dtype=str)
+            col_map = column_map(ids, target)
+            # token ids are gene positions shifted past the special tokens
+            col_map = np.where(col_map >= 0, col_map + vocab.n_special, -1)
+            named = ids != ""
+            missing = np.unique(ids[named & (col_map < 0)])
+            dup_targets = duplicated_targets(col_map)
+            if len(dup_targets):
+                examples = ", ".join(vocab.id_to_token(int(t)) for t in dup_targets[:5])
+                logger.warning("%s: %d vocabulary genes occur in more than one column (e.g. %s); their counts are "
+                               "summed", source.name, len(dup_targets), examples)
+            for key in obs_keys:
+                obs_series_types[key].append(_obs_arrow_type(source.require_obs(key)))
+            if cfg["total_counts_key"]:
+                source.require_obs(cfg["total_counts_key"])
+            report = {
+                "path": source.name, "cells": int(source.n_obs), "genes": int(source.n_vars),
+                "genes_in_vocab": int(len(np.unique(col_map[col_map >= 0]))),
+                "genes_missing_from_vocab": int(len(missing)),
+                "genes_missing_examples": missing[:20].tolist(),
+                "genes_empty_id": genes.n_empty, "genes_unmapped": genes.n_unmapped + n_uncollapsed,
+                "duplicate_gene_ids": int(len(dup_targets)),
+            }
+            if report["genes_in_vocab"] == 0:
+                raise InputError(f"{source.name}: none of its {source.n_vars} genes is in the vocabulary (check "
+                                 "--gene_id_key / --gene_map; e.g. var['ensembl_id'] for Ensembl vocabularies)")
+            if len(missing):
+                logger.info("%s: %d of %d genes are not in the vocabulary and are left out", source.name,
+                            len(missing), source.n_vars)
+            infos.append(SourceInfo(
+                index=index, item=str(item) if isinstance(item, os.PathLike) else item, name=source.name,
+                stem=source.stem, n_obs=source.n_obs, col_map=col_map, labels=genes.labels,
+                merge=bool(len(dup_targets)) or keep_counts, report=report,
+            ))
+        finally:
+            source.close()
+    obs_types = {k: _unify(v) for k, v in obs_series_types.items()}
+    return infos, obs_types
+
+
+def _check_obs_keys(obs_keys) -> list[str]:
+    if obs_keys is None:
+        return []
+    if isinstance(obs_keys, str):
+        obs_keys = [k for k in obs_keys.split(",") if k.strip()]
+    keys = [k.strip() for k in obs_keys]
+    clash = [k for k in keys if k in RESERVED_COLUMNS]
+    if clash:
+        raise InputError(f"obs column(s) {', '.join(clash)} would collide with dataset columns of the same name; "
+                         "rename them in obs first")
+    if len(set(keys)) != len(keys):
+        raise InputError(f"obs keys are repeated: {keys}")
+    return keys
+
+
+def _summarise(counters: list[dict], infos: list[SourceInfo]) -> dict:
+    per_source = {i.index: _new_counters() for i in infos}
+    hist = None
+    for c in counters:
+        acc = per_source[c["source"]]
+        for k in ("written", "skipped_zero_counts", "skipped_no_vocabulary_genes", "tokens"):
+            acc[k] += c[k]
+        if c["length_hist"] is not None:
+            hist = _add_hist(hist, c["length_hist"])
+    inputs = []
+    for info in infos:
+        acc = per_source[info.index]
+        inputs.append({**info.report, "cells_written": acc["written"],
+                       "cells_skipped_zero_counts": acc["skipped_zero_counts"],
+                       "cells_skipped_no_vocabulary_genes": acc["skipped_no_vocabulary_genes"]})
+    written = sum(i["cells_written"] for i in inputs)
+    length = {}
+    if hist is not None and written:
+        values = np.arange(len(hist))
+        cdf = np.cumsum(hist) / hist.sum()
+        length = {"min": int(values[hist > 0][0]), "max": int(values[hist > 0][-1]),
+                  "mean": float((values * hist).sum() / hist.sum()),
+                  "median": int(values[np.searchsorted(cdf, 0.5)])}
+    missing = sorted({g for i in inputs for g in i["genes_missing_examples"]})
+    return {
+        "inputs": inputs,
+        "counts": {
+            "cells_in": sum(i["cells"] for i in inputs),
+            "cells_written": written,
+            "cells_skipped": {
+                "zero_counts": sum(i["cells_skipped_zero_counts"] for i in inputs),
+                "no_vocabulary_genes": sum(i["cells_skipped_no_vocabulary_genes"] for i in inputs),
+            },
+            "tokens": sum(per_source[i.index]["tokens"] for i in infos),
+            "length": length,
+            "genes_missing_from_vocab": {
+                "per_input": [i["genes_missing_from_vocab"] for i in inputs],
+                "examples": missing[:20],
+            },
+        },
+    }
+
+
+def _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size) -> dict:
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    return {"layer": layer, "gene_id_key": gene_id_key, "total_counts_key": total_counts_key,
+            "allow_non_integer": bool(allow_non_integer), "chunk_size": int(chunk_size)}
+
+
+def _prepare(inputs, vocab, geneformer_dicts, model_input_size, top_k, n_zeros, seed, target_sum, keep_counts,
+             obs_keys, gene_map, cfg):
+    if keep_counts and cfg["allow_non_integer"]:
+        raise InputError("--keep_counts stores integer counts (for MCV splits); it cannot be combined with "
+                         "--allow_non_integer")
+    obs_keys = _check_obs_keys(obs_keys)
+    mode = _resolve_mode(vocab, geneformer_dicts, model_input_size, top_k, n_zeros)
+    vocab = mode.vocab
+    gene_map_dict = load_gene_map(gene_map) if isinstance(gene_map, (str, os.PathLike)) else gene_map
+    infos, obs_types = _plan_sources(inputs, vocab, mode.collapse, cfg, obs_keys, gene_map_dict, keep_counts)
+    spec = EncodeSpec(
+        mode=mode.name, top_k=int(mode.top_k), n_zeros=int(mode.n_zeros), seed=int(seed),
+        target_sum=float(target_sum), cls_id=mode.cls_id, eos_id=mode.eos_id, keep_counts=bool(keep_counts),
+        medians=vocab.token_medians, group_ids=vocab.token_group_ids.astype(np.int32),
+    )
+    params = {"top_k": spec.top_k, "n_zeros": spec.n_zeros, "seed": spec.seed, "target_sum": spec.target_sum,
+              "cls": spec.cls_id is not None, "eos": spec.eos_id is not None, "keep_counts": spec.keep_counts,
+              "obs_keys": obs_keys, "gene_map": str(gene_map) if isinstance(gene_map, (str, os.PathLike)) else None,
+              **{k: v for k, v in cfg.items() if k != "chunk_size"}, **mode.params}
+    return vocab, spec, infos, obs_types, params
+
+
+# --- public API -------------------------------------------------------------------------------------------------------
+def tokenize_files(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    stats: str | os.PathLike | GeneVocab | None,
+    out_dir: str | os.PathLike,
+    *,
+    top_k: int = 256,
+    n_zeros: int = 50,
+    seed: int = 0,
+    obs_keys: Sequence[str] | str | None = None,
+    keep_counts: bool = False,
+    gene_id_key: str | None = None,
+    gene_map: str | os.PathLike | dict | None = None,
+    layer: str | None = None,
+    total_counts_key: str | None = None,
+    allow_non_integer: bool = False,
+    geneformer_dicts: str | os.PathLike | None = None,
+    model_input_size: int | None = None,
+    target_sum: float = 10_000.0,
+    num_workers: int = 1,
+    chunk_size: int = 2048,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Tokenize h5ad files into a ``datasets`` folder at ``out_dir``; returns ``out_dir``.
+
+    Args:
+        inputs: h5ad files, tokenized in this order.
+        stats: a statistics folder from ``fit`` (or any folder ``GeneVocab.load`` reads, or a ``GeneVocab``);
+            ``None`` with ``geneformer_dicts``.
+        out_dir: the dataset folder to create (refused if it exists, unless ``overwrite``).
+        top_k: detected genes kept per cell, highest normalised value first.
+        n_zeros: zero-count vocabulary genes sampled per cell (among those the file measures).
+        seed: global seed of the per-cell zero sampling.
+        obs_keys: obs columns to carry (list or comma-separated string); categoricals become strings.
+        keep_counts: also store every detected vocabulary gene's raw count (``counts_ids``, ``counts``).
+        gene_id_key: var column holding gene ids (default: var_names); ``gene_map``: JSON file or dict mapping them
+            to vocabulary ids (e.g. symbol -> Ensembl).
+        layer: read ``layers[layer]`` (``"raw"`` for ``raw/X``) instead of ``X``.
+        total_counts_key: obs column with library sizes (default: row sums over all genes of the matrix).
+        allow_non_integer: accept non-integer values (negative and NaN values are always refused).
+        geneformer_dicts, model_input_size: Geneformer mode (folder of its JSON dictionaries; 2048 = V1, 4096 = V2).
+        num_workers: worker processes; the output does not depend on it.
+        chunk_size: cells read and encoded at a time (memory scales with it, not with the corpus).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [str(p) for p in inputs]
+    if not inputs:
+        raise InputError("no input files given")
+    if num_workers < 1:
+        raise InputError(f"num_workers must be >= 1, got {num_workers}")
+    out_dir = Path(out_dir)
+    check_output(out_dir, overwrite)
+    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
+    vocab, spec, infos, obs_types, params = _prepare(inputs, stats, geneformer_dicts, model_input_size, top_k,
+                                                      n_zeros, seed, target_sum, keep_counts, obs_keys, gene_map, cfg)
+    schema = dataset_schema(spec, obs_types)
+    from .stats import _block_size
+
+    total = sum(i.n_obs for i in infos)
+    block = _block_size(total, num_workers, chunk_size)
+    blocks = [(info, a, min(a + block, info.n_obs)) for info in infos for a in range(0, info.n_obs, block)]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with staged_dir(out_dir, overwrite) as tmp:
+        names = [f"data-{k:05d}-of-{len(blocks):05d}.arrow" for k in range(len(blocks))]
+        units = [_Unit(k, info, a, b, str(tmp / names[k]), spec, obs_types, schema, cfg)
+                 for k, (info, a, b) in enumerate(blocks)]
+        try:
+            counters = run_tasks(_run_unit, units, num_workers=num_workers, total=total, desc="tokenize",
+                                 progress=progress)
+        finally:
+            _close_contexts()
+        summary = _summarise(counters, infos)
+        if summary["counts"]["cells_written"] == 0:
+            raise InputError("no cell was written: every cell has zero counts or no vocabulary gene")
+        _write_dataset_files(tmp, names, schema, summary, params)
+        vocab.save(tmp)
+        manifest = {
+            "format": "express tokenized dataset", "version": 1, "mode": spec.mode, "params": params,
+            "inputs": summary["inputs"], "counts": summary["counts"], "columns": schema.names,
+            "vocab_fingerprint": vocab.fingerprint(), "vocab_size": vocab.vocab_size,
+            "n_levels": int(spec.group_ids.shape[1]) if spec.with_groups else 0,
+            "created": started.isoformat(timespec="seconds"),
+            "run": {"num_workers": num_workers, "chunk_size": chunk_size,
+                    "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 3)},
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    counts = summary["counts"]
+    logger.info("wrote %d cells (%d skipped: %d with zero counts, %d without vocabulary genes) to %s",
+                counts["cells_written"], sum(counts["cells_skipped"].values()), counts["cells_skipped"]["zero_counts"],
+                counts["cells_skipped"]["no_vocabulary_genes"], out_dir)
+    return out_dir
+
+
+def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, summary: dict, params: dict) -> None:
+    from datasets import DatasetInfo, Features
+
+    fingerprint = hashlib.sha256(json.dumps([params, summary["inputs"]], sort_keys=True, default=str).encode())
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": fingerprint.hexdigest()[:16],
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+        "_output_all_columns": False, "_split": None,
+    }
+    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    info = DatasetInfo(features=Features.from_arrow_schema(schema),
+                       description="express rank-token dataset (see manifest.json)")
+    info.write_to_directory(str(directory))
+
+
+def tokenize_adata(
+    adata,
+    vocab: GeneVocab | str | os.PathLike | None = None,
+    *,
+    top_k: int = 256,
+    n_zeros: int = 50,
+    seed: int = 0,
+    obs_keys: Sequence[str] | str | None = None,
+    keep_counts: bool = False,
+    gene_id_key: str | None = None,
+    gene_map: str | os.PathLike | dict | None = None,
+    layer: str | None = None,
+    total_counts_key: str | None = None,
+    allow_non_integer: bool = False,
+    geneformer_dicts: str | os.PathLike | None = None,
+    model_input_size: int | None = None,
+    target_sum: float = 10_000.0,
+    chunk_size: int = 2048,
+    source_name: str = "adata",
+):
+    """Tokenize an in-memory AnnData into a ``datasets.Dataset`` (same columns and encoding as
+    :func:`tokenize_files`; cells with zero counts or no vocabulary gene are left out, and ``cell_id`` tells which
+    cells remain). ``source_name`` fills the ``source`` column and keys the per-cell zero sampling."""
+    import datasets
+
+    from .io import AnnDataSource
+
+    source = AnnDataSource(adata, layer=layer, name=source_name)
+    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
+    vocab, spec, infos, obs_types, params = _prepare([source], vocab, geneformer_dicts, model_input_size, top_k,
+                                                      n_zeros, seed, target_sum, keep_counts, obs_keys, gene_map, cfg)
+    schema = dataset_schema(spec, obs_types)
+    ctx = _open_context(infos[0], cfg, obs_types, spec)
+    counters = _new_counters()
+    batches = list(iter_record_batches(ctx, 0, source.n_obs, spec, schema, chunk_size, counters))
+    table = pa.Table.from_batches(batches, schema=schema)
+    if counters["skipped_zero_counts"] or counters["skipped_no_vocabulary_genes"]:
+        logger.info("%s: left out %d cells with zero counts and %d without vocabulary genes", source_name,
+                    counters["skipped_zero_counts"], counters["skipped_no_vocabulary_genes"])
+    return datasets.Dataset(table)
