@@ -8,7 +8,8 @@ variable genes (all genes when there are at most ``n_top_genes``), the same inpu
 - proteins (targets on the normalised scale): :func:`mean_protein`, and on truncated-SVD features of the
   log-normalised genes (fitted on the training cells) :func:`knn_regression`, :func:`ridge_regression` and
   :func:`kernel_ridge_svd` (RBF kernel ridge on SVD features: the approach of the NeurIPS 2021 GEX->ADT winner).
-  Their hyperparameters (k, alpha, gamma) are chosen by 3-fold cross-validation on the training cells only;
+  Their hyperparameters (number of leading SVD components, k, alpha, gamma) are chosen by 3-fold cross-validation
+  on the training cells only;
 - embeddings: :func:`pca_embedding`, PCA of the log-normalised highly variable genes.
 """
 
@@ -23,10 +24,9 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.model_selection import KFold
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.neural_network import MLPClassifier
-from sklearn.preprocessing import StandardScaler
 
 from .data import align_genes, counts_matrix, gene_names, log_normalize, select_genes
 
@@ -80,35 +80,60 @@ def mean_protein(y_train: np.ndarray, n_test: int) -> np.ndarray:
 
 
 def svd_features(x_train, x_test, *, n_components: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Truncated SVD of the log-normalised training genes, standardised; test cells projected the same way."""
+    """Truncated SVD coordinates of the log-normalised training genes (components in decreasing order of variance);
+    test cells projected the same way. Not standardised: scaling every component to unit variance would give the
+    noise components as much weight in distances as the leading ones."""
     n_components = int(min(n_components, x_train.shape[0] - 1, x_train.shape[1] - 1))
     svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x_train)
-    scaler = StandardScaler().fit(svd.transform(x_train))
-    return scaler.transform(svd.transform(x_train)), scaler.transform(svd.transform(x_test))
+    return svd.transform(x_train), svd.transform(x_test)
 
 
-def _cv(estimator, grid: dict, x, y, seed: int):
-    search = GridSearchCV(estimator, grid, cv=KFold(3, shuffle=True, random_state=seed),
-                          scoring="neg_root_mean_squared_error")
-    search.fit(x, y)
-    logger.info("%s: chose %s", type(estimator).__name__, search.best_params_)
-    return search.best_estimator_
+def _select(make, grid: list[dict], f_train: np.ndarray, y_train: np.ndarray, seed: int):
+    """3-fold CV (training cells only) over ``grid``; each point may set ``n_components`` (use the leading SVD
+    components only) besides the estimator's own parameters. Returns the refitted best model and its settings."""
+    folds = list(KFold(3, shuffle=True, random_state=seed).split(f_train))
+    best, best_score = None, np.inf
+    for point in grid:
+        m = point.get("n_components", f_train.shape[1])
+        params = {k: v for k, v in point.items() if k != "n_components"}
+        score = 0.0
+        for fit_idx, val_idx in folds:
+            model = make(**params).fit(f_train[fit_idx, :m], y_train[fit_idx])
+            score += np.mean((model.predict(f_train[val_idx, :m]) - y_train[val_idx]) ** 2)
+        if score < best_score:
+            best, best_score = point, score
+    m = best.get("n_components", f_train.shape[1])
+    logger.info("%s: chose %s", make.__name__, best)
+    model = make(**{k: v for k, v in best.items() if k != "n_components"}).fit(f_train[:, :m], y_train)
+    return model, m
+
+
+def _components(f_train: np.ndarray) -> list[int]:
+    return sorted({min(m, f_train.shape[1]) for m in (10, 20, 40, 64)})
 
 
 def knn_regression(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    ks = [k for k in (5, 10, 20, 40) if k < 0.66 * len(f_train)]
-    return _cv(KNeighborsRegressor(weights="distance"), {"n_neighbors": ks}, f_train, y_train, seed).predict(f_test)
+    grid = [{"n_components": m, "n_neighbors": k} for m in _components(f_train)
+            for k in (5, 10, 20, 40) if k < 0.66 * len(f_train)]
+    model, m = _select(KNeighborsRegressor, grid, f_train, y_train, seed)
+    return model.predict(f_test[:, :m])
 
 
 def ridge_regression(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    return _cv(Ridge(), {"alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}, f_train, y_train, seed).predict(f_test)
+    grid = [{"n_components": m, "alpha": a} for m in _components(f_train) for a in (0.1, 1.0, 10.0, 100.0, 1000.0)]
+    model, m = _select(Ridge, grid, f_train, y_train, seed)
+    return model.predict(f_test[:, :m])
 
 
 def kernel_ridge_svd(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """RBF kernel ridge on standardised SVD features; ``gamma`` relative to ``1 / n_features``."""
-    base = 1.0 / f_train.shape[1]
-    grid = {"alpha": [0.1, 1.0, 10.0], "gamma": [base / 4, base, base * 4]}
-    return _cv(KernelRidge(kernel="rbf"), grid, f_train, y_train, seed).predict(f_test)
+    """RBF kernel ridge on SVD coordinates; ``gamma`` relative to ``1 / (n_features * feature variance)``."""
+    grid = []
+    for m in _components(f_train):
+        base = 1.0 / (m * f_train[:, :m].var())
+        grid += [{"n_components": m, "kernel": "rbf", "alpha": a, "gamma": base * g}
+                 for a in (0.03, 0.1, 1.0) for g in (0.25, 1.0, 4.0)]
+    model, m = _select(KernelRidge, grid, f_train, y_train, seed)
+    return model.predict(f_test[:, :m])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

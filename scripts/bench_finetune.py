@@ -1,0 +1,206 @@
+"""Fine-tuning benchmark: express (pretrained / without pretraining), the MLP encoder with identical heads, and the
+classical baselines, on held-out donors or batches, over several seeds. Prints a table and writes JSON + Markdown.
+
+Splits:
+- ``cite``: NeurIPS 2021 BMMC CITE-seq starter, train donor s1d1, test s1d2: cell types and ADT (134 proteins);
+- ``cellbench``: CellBench lung cell lines, train on sc_celseq2 and the 5-cell-line plates p1, p2, test on plate p3
+  and the Drop-seq batch (another protocol): cell types (incl. 'doublet');
+- ``kang``: Kang 2018 PBMC controls, train on six donors, test on donors 1244 and 1256: cell types.
+
+Full run for a quiet machine (all arms, 3 seeds; --pretrained is a folder written by pretrain/run.py):
+
+    python scripts/bench_finetune.py --budget full --seeds 0 1 2 --pretrained PRETRAINED_DIR \\
+        --out bench_finetune_full
+
+Small run (development machine, 2 shared cores): ``--budget small`` (fewer epochs, a smaller transformer).
+Targets: Kang macro-F1 of express >= L1 logistic regression; CITE-seq per-protein Pearson of express >= best of
+kNN / ridge / kernel ridge on SVD features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import anndata as ad  # noqa: E402
+import torch  # noqa: E402
+
+from finetune import api  # noqa: E402
+from finetune import baselines as B  # noqa: E402
+from finetune import metrics as M  # noqa: E402
+from finetune.data import fit_protein_reference, normalize_proteins, protein_counts, split_adata  # noqa: E402
+
+logger = logging.getLogger("bench_finetune")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPLITS = {
+    "cite": ("bmmc_cite_600.h5ad", "batch", ["s1d2"]),
+    "cellbench": ("cellbench_lung_1408.h5ad", "batch", ["sc_celseq2_5cl_p3", "sc_dropseq"]),
+    "kang": ("kang2018_pbmc_12261.h5ad", "donor", ["1244", "1256"]),
+}
+BUDGETS = {
+    # epochs per task; transformer size and tokenization for the arm without pretraining
+    "small": {"epochs": {"cite": 30, "cellbench": 20, "kang": 8}, "tf_epochs": {"cite": 20, "cellbench": 6, "kang": 2},
+              "transformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+              "tokenize": dict(top_k=128, n_zeros=16), "kang_tf_train_cells": 2000},
+    "full": {"epochs": {"cite": 60, "cellbench": 40, "kang": 20}, "tf_epochs": {"cite": 60, "cellbench": 30, "kang": 10},
+             "transformer": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
+             "tokenize": dict(top_k=256, n_zeros=50), "kang_tf_train_cells": None},
+}
+
+
+def _cell_type_metrics(truth, pred) -> dict:
+    return {"accuracy": M.accuracy(truth, pred), "macro_f1": M.macro_f1(truth, pred)}
+
+
+def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr) -> dict[str, dict]:
+    y_train = train.obs["cell_type"].astype(str).to_numpy()
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    results = {"majority": _cell_type_metrics(truth, B.majority_class(y_train, test.n_obs))}
+    t = time.perf_counter()
+    x_train, x_test, _ = B.log_normalized_features(train, test, n_top_genes=n_top_genes)
+    results["l1_logistic_regression"] = _cell_type_metrics(truth, B.l1_logistic_regression(x_train, y_train, x_test,
+                                                                                           seed=seed))
+    results["l1_logistic_regression"]["seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["mlp_classifier_sklearn"] = _cell_type_metrics(truth, B.mlp_classifier(x_train, y_train, x_test, seed=seed))
+    results["mlp_classifier_sklearn"]["seconds"] = time.perf_counter() - t
+
+    def express(arm, **kw):
+        t0 = time.perf_counter()
+        model = api.fit_cell_types(train, label_key="cell_type", n_top_genes=n_top_genes, seed=seed, lr=lr, **kw)
+        pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
+        results[arm] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
+
+    express("express_mlp_encoder", encoder="mlp", epochs=budget["epochs"][name])
+    t0 = time.perf_counter()
+    vae = api.train_vae(train, encoder="mlp", label_key="cell_type", n_top_genes=n_top_genes, seed=seed,
+                        epochs=budget["epochs"][name])
+    pred = api.predict_cell_types(test.copy(), vae).astype(str).to_numpy()
+    results["vae_mixture_mlp_encoder"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
+    tf_train = train
+    cap = budget["kang_tf_train_cells"] if name == "kang" else None
+    if cap and train.n_obs > cap:
+        tf_train = train[np.random.default_rng(seed).choice(train.n_obs, cap, replace=False)].copy()
+    t0 = time.perf_counter()
+    model = api.fit_cell_types(tf_train, label_key="cell_type", encoder="transformer", seed=seed, lr=lr,
+                               epochs=budget["tf_epochs"][name], transformer=budget["transformer"],
+                               tokenize=budget["tokenize"])
+    pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
+    results["express_no_pretraining"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0,
+                                         "train_cells": tf_train.n_obs}
+    if pretrained:
+        express("express_pretrained", model=pretrained, encoder="transformer", epochs=budget["tf_epochs"][name])
+    return results
+
+
+def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr) -> dict[str, dict]:
+    raw_train, names = protein_counts(train, "protein_counts")
+    raw_test, _ = protein_counts(test, "protein_counts", names)
+    reference = fit_protein_reference(raw_train, "clr")
+    y_train, truth = normalize_proteins(raw_train, "clr", reference), normalize_proteins(raw_test, "clr", reference)
+    results = {"mean_protein": M.protein_metrics(B.mean_protein(y_train, test.n_obs), truth)}
+    x_train, x_test, _ = B.log_normalized_features(train, test, n_top_genes=n_top_genes)
+    f_train, f_test = B.svd_features(x_train, x_test, seed=seed)
+    for arm, fn in (("knn_svd", B.knn_regression), ("ridge_svd", B.ridge_regression),
+                    ("kernel_ridge_svd", B.kernel_ridge_svd)):
+        t0 = time.perf_counter()
+        results[arm] = {**M.protein_metrics(fn(f_train, y_train, f_test, seed=seed), truth),
+                        "seconds": time.perf_counter() - t0}
+
+    def express(arm, **kw):
+        t0 = time.perf_counter()
+        model = api.fit_proteins(train, n_top_genes=n_top_genes, seed=seed, **kw)
+        pred = api.predict_proteins(test.copy(), model).to_numpy()
+        results[arm] = {**M.protein_metrics(pred, truth), "seconds": time.perf_counter() - t0}
+
+    epochs = budget["epochs"]["cite"]
+    express("express_mlp_encoder", encoder="mlp", epochs=epochs, lr=lr)
+    express("nb_vae_mlp_encoder", encoder="mlp", protein_head="nb", epochs=epochs, lr=3e-3)
+    express("express_no_pretraining", encoder="transformer", epochs=budget["tf_epochs"]["cite"], lr=5e-3,
+            transformer=budget["transformer"], tokenize=budget["tokenize"])
+    if pretrained:
+        express("express_pretrained", model=pretrained, encoder="transformer", epochs=budget["tf_epochs"]["cite"],
+                lr=lr)
+    return results
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    out: dict = {}
+    for arm in per_seed[0]:
+        keys = [k for k in per_seed[0][arm] if isinstance(per_seed[0][arm][k], float)]
+        out[arm] = {k: {"mean": float(np.mean([s[arm][k] for s in per_seed])),
+                        "std": float(np.std([s[arm][k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0}
+                    for k in keys}
+    return out
+
+
+def table(summary: dict, columns: list[str], title: str) -> str:
+    lines = [f"**{title}**", "", "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for arm, values in summary.items():
+        cells = [f"{values[c]['mean']:.3f} ± {values[c]['std']:.3f}" if c in values else "" for c in columns]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["cite", "cellbench", "kang"], choices=list(SPLITS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", choices=list(BUDGETS), default="small")
+    parser.add_argument("--pretrained", default=None, help="pretrained express folder (the 'express_pretrained' arm)")
+    parser.add_argument("--n_top_genes", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data_dir", default=str(DATA))
+    parser.add_argument("--out", default="bench_finetune", help="output stem: writes OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    budget = BUDGETS[args.budget]
+    report: dict = {"args": vars(args), "budget": budget, "results": {}}
+    markdown = [f"Budget `{args.budget}`, seeds {args.seeds}, torch threads {args.threads}; mean ± sd over seeds.", ""]
+    for name in args.datasets:
+        file, key, test_values = SPLITS[name]
+        adata = ad.read_h5ad(Path(args.data_dir) / file)
+        train, test = split_adata(adata, key, test_values)
+        logger.info("%s: %d training cells, %d held-out cells", name, train.n_obs, test.n_obs)
+        tasks = {"cell-type": cell_type_arms}
+        if name == "cite":
+            tasks["adt"] = None
+        for task in tasks:
+            per_seed = []
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                if task == "adt":
+                    res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr)
+                else:
+                    res = cell_type_arms(name, train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr)
+                logger.info("%s %s seed %d done in %.0f s", name, task, seed, time.perf_counter() - t0)
+                per_seed.append(res)
+            summary = summarise(per_seed)
+            report["results"][f"{name}/{task}"] = {"per_seed": per_seed, "summary": summary,
+                                                  "split": {"key": key, "test": test_values,
+                                                            "n_train": train.n_obs, "n_test": test.n_obs}}
+            columns = ["accuracy", "macro_f1", "seconds"] if task == "cell-type" else \
+                ["rmse", "pearson_per_cell", "pearson_per_protein", "seconds"]
+            text = table(summary, columns, f"{name} {task} (test {key} in {test_values})")
+            print(text + "\n", flush=True)
+            markdown += [text, ""]
+            Path(args.out + ".json").write_text(json.dumps(report, indent=2, default=float))
+    Path(args.out + ".md").write_text("\n".join(markdown))
+    return report
+
+
+if __name__ == "__main__":
+    main()
