@@ -44,6 +44,7 @@ class TrainSettings:
     dreg: bool = True
     kl_warmup_ratio: float = 0.3
     classification_weight: float = 50.0  # scANVI's classification ratio
+    validation_fraction: float = 0.1  # training cells held back to pick the best epoch (0: keep the last epoch)
     seed: int = 0
 
 
@@ -64,12 +65,44 @@ def model_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, trai
     raise TypeError(f"not a fine-tuning head: {type(model).__name__}")
 
 
-def _loader(table: CellTable, batch_size: int, token_collator, *, shuffle: bool, seed: int):
+def _loader(table: CellTable, batch_size: int, token_collator, *, shuffle: bool, seed: int,
+            indices: np.ndarray | None = None):
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        TableDataset(table), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        TableDataset(table, indices), batch_size=batch_size, shuffle=shuffle, generator=generator,
         collate_fn=TableCollator(table, token_collator), drop_last=False,
     )
+
+
+def split_validation(n_cells: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training and validation cell indices (no validation set when it would hold fewer than 10 cells)."""
+    n_val = int(round(fraction * n_cells))
+    if fraction <= 0 or n_val < 10 or n_cells - n_val < 10:
+        return np.arange(n_cells), None
+    order = np.random.default_rng(seed).permutation(n_cells)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _step_kwargs(model, batch, settings: TrainSettings, *, kl_weight: float, n_obs: int) -> dict[str, Any]:
+    kwargs = model_kwargs(model, batch, train=True)
+    if isinstance(model, ExpressForVAE):
+        kwargs.update(objective=settings.objective, n_samples=settings.n_samples, dreg=settings.dreg,
+                      kl_weight=kl_weight, classification_weight=settings.classification_weight, n_obs=n_obs)
+    return kwargs
+
+
+@torch.no_grad()
+def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**_step_kwargs(model, batch, settings, kl_weight=1.0, n_obs=n_obs))
+        if out.loss is not None:
+            n = len(batch["batch_index"])
+            total, count = total + float(out.loss) * n, count + n
+    model.train()
+    return total / count if count else float("nan")
 
 
 def fit(
@@ -79,7 +112,10 @@ def fit(
     """Train ``model`` on every cell of ``table``; returns one record per epoch (mean loss, and the mean bound for
     the VAE)."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    loader = _loader(table, settings.batch_size, token_collator, shuffle=True, seed=settings.seed)
+    train_idx, val_idx = split_validation(len(table), settings.validation_fraction, settings.seed)
+    loader = _loader(table, settings.batch_size, token_collator, shuffle=True, seed=settings.seed, indices=train_idx)
+    val_loader = None if val_idx is None else \
+        _loader(table, 256, token_collator, shuffle=False, seed=settings.seed, indices=val_idx)
     steps_per_epoch = max(len(loader), 1)
     total = settings.max_steps or settings.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
@@ -89,9 +125,12 @@ def fit(
     optimizer = _build_optimizer(model, settings.lr, encoder_lr, settings.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=int(settings.warmup_ratio * total))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    is_vae = isinstance(accelerator.unwrap_model(model), ExpressForVAE)
+    raw_model = accelerator.unwrap_model(model)
+    device = next(raw_model.parameters()).device
+    is_vae = isinstance(raw_model, ExpressForVAE)
     kl_steps = max(int(settings.kl_warmup_ratio * total), 1)
     history: list[dict[str, float]] = []
+    best_loss, best_state, best_epoch = math.inf, None, None
     step = 0
     # disable=None: a bar on a terminal only, not in log files
     bar = tqdm(total=total, desc="fine-tuning", disable=None if progress and accelerator.is_main_process else True,
@@ -100,12 +139,8 @@ def fit(
     for epoch in range(epochs):
         losses, bounds = [], []
         for batch in loader:
-            kwargs = model_kwargs(accelerator.unwrap_model(model), batch, train=True)
-            if is_vae:
-                kwargs.update(objective=settings.objective, n_samples=settings.n_samples, dreg=settings.dreg,
-                              kl_weight=min(1.0, (step + 1) / kl_steps) if settings.objective == "elbo" else 1.0,
-                              classification_weight=settings.classification_weight, n_obs=len(table))
-            out = model(**kwargs)
+            kl_weight = min(1.0, (step + 1) / kl_steps) if settings.objective == "elbo" else 1.0
+            out = model(**_step_kwargs(raw_model, batch, settings, kl_weight=kl_weight, n_obs=len(train_idx)))
             if out.loss is None:
                 continue  # e.g. a batch without any labelled cell for the classifier
             accelerator.backward(out.loss)
@@ -125,11 +160,21 @@ def fit(
         record = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan")}
         if bounds:
             record["bound"] = float(np.mean(bounds))
+        # pick the best epoch on held-back training cells; for the VAE only once the KL weight has reached 1
+        if val_loader is not None and (not is_vae or step >= kl_steps):
+            record["validation_loss"] = _validation_loss(raw_model, val_loader, settings, device, len(train_idx))
+            if record["validation_loss"] < best_loss:
+                best_loss, best_epoch = record["validation_loss"], epoch + 1
+                best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
         history.append(record)
         logger.info("epoch %d: %s", epoch + 1, record)
         if step >= total:
             break
     bar.close()
+    if best_state is not None:
+        raw_model.load_state_dict(best_state)
+        logger.info("kept epoch %d (lowest validation loss %.4g)", best_epoch, best_loss)
+        history.append({"best_epoch": best_epoch, "validation_loss": best_loss})
     model.eval()
     return history
 

@@ -48,10 +48,10 @@ SPLITS = {
 }
 BUDGETS = {
     # epochs per task; transformer size and tokenization for the arm without pretraining
-    "small": {"epochs": {"cite": 30, "cellbench": 20, "kang": 8}, "tf_epochs": {"cite": 20, "cellbench": 6, "kang": 2},
+    "small": {"epochs": {"cite": 100, "cellbench": 30, "kang": 15}, "tf_epochs": {"cite": 30, "cellbench": 6, "kang": 2},
               "transformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
               "tokenize": dict(top_k=128, n_zeros=16), "kang_tf_train_cells": 2000},
-    "full": {"epochs": {"cite": 60, "cellbench": 40, "kang": 20}, "tf_epochs": {"cite": 60, "cellbench": 30, "kang": 10},
+    "full": {"epochs": {"cite": 150, "cellbench": 60, "kang": 30}, "tf_epochs": {"cite": 100, "cellbench": 30, "kang": 10},
              "transformer": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
              "tokenize": dict(top_k=256, n_zeros=50), "kang_tf_train_cells": None},
 }
