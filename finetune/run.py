@@ -150,6 +150,8 @@ def main(args: FinetuneArgs) -> dict:
     import pandas as pd
     import torch
 
+    from accelerate import Accelerator
+
     from finetune import api
     from finetune import metrics as M
     from finetune.data import UNLABELLED, normalize_proteins, protein_counts
@@ -186,7 +188,11 @@ def main(args: FinetuneArgs) -> dict:
         classification_weight=args.classification_weight, seed=args.seed,
     )
     collator = api.token_collator_for(model)
-    history = fit(model, table, settings, token_collator=collator)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    history = fit(model, table, settings, token_collator=collator, accelerator=accelerator)
+    model = accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:
+        return {}  # evaluation and outputs happen once, on the main process
 
     test_table = api.table_for(test, model, label_key=args.label_key, batch_key=args.batch_key,
                                protein_obsm_key=args.protein_obsm_key, gene_id_key=args.gene_id_key,
@@ -195,7 +201,7 @@ def main(args: FinetuneArgs) -> dict:
     outputs = predict(model, test_table, token_collator=collator, seed=args.seed,
                       mll_samples=args.mll_samples if is_vae else 0)
     metrics: dict = {"task": args.task, "encoder": args.encoder, "model": args.model, "n_train": train.n_obs,
-                     "n_test": test.n_obs}
+                     "n_test": test.n_obs, "num_processes": accelerator.num_processes}
     extra: dict = {}
     predictions = pd.DataFrame(index=test.obs_names)
     if "probabilities" in outputs and args.label_key:

@@ -92,17 +92,22 @@ def _step_kwargs(model, batch, settings: TrainSettings, *, kl_weight: float, n_o
 
 
 @torch.no_grad()
-def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int) -> float:
+def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int, epoch: int) -> float:
     model.eval()
     total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**_step_kwargs(model, batch, settings, kl_weight=1.0, n_obs=n_obs))
-        if out.loss is not None:
-            n = len(batch["batch_index"])
-            total, count = total + float(out.loss) * n, count + n
+    # a private, seeded random stream: every process draws the same VAE samples, so all pick the same best epoch
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed + epoch)
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**_step_kwargs(model, batch, settings, kl_weight=1.0, n_obs=n_obs))
+            if out.loss is not None:
+                n = len(batch["batch_index"])
+                total, count = total + float(out.loss) * n, count + n
     model.train()
     return total / count if count else float("nan")
+
+
 
 
 def fit(
@@ -116,7 +121,7 @@ def fit(
     loader = _loader(table, settings.batch_size, token_collator, shuffle=True, seed=settings.seed, indices=train_idx)
     val_loader = None if val_idx is None else \
         _loader(table, 256, token_collator, shuffle=False, seed=settings.seed, indices=val_idx)
-    steps_per_epoch = max(len(loader), 1)
+    steps_per_epoch = max(math.ceil(len(loader) / accelerator.num_processes), 1)  # each process sees a shard
     total = settings.max_steps or settings.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     encoder_lr = settings.encoder_lr
@@ -162,7 +167,8 @@ def fit(
             record["bound"] = float(np.mean(bounds))
         # pick the best epoch on held-back training cells; for the VAE only once the KL weight has reached 1
         if val_loader is not None and (not is_vae or step >= kl_steps):
-            record["validation_loss"] = _validation_loss(raw_model, val_loader, settings, device, len(train_idx))
+            record["validation_loss"] = _validation_loss(raw_model, val_loader, settings, device, len(train_idx),
+                                                         epoch)
             if record["validation_loss"] < best_loss:
                 best_loss, best_epoch = record["validation_loss"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}

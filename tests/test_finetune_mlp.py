@@ -164,3 +164,23 @@ def test_bad_input_gets_clear_errors(tmp_path, cite_path, cite):
         main(_args(tmp_path, cite_path, task="cell-type", label_key="cell_type", test_values="s9d9"))
     with pytest.raises(ValueError, match="--protein_obsm_key"):
         _args(tmp_path, cite_path, task="adt")
+
+
+def test_run_under_accelerate_launch_with_two_processes(tmp_path, cite_path):
+    """Real 2-process data parallelism on CPU (gloo): both ranks train, the main one evaluates and writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(repo / "finetune" / "run.py"), "--task", "cell-type", "--encoder", "mlp", "--data", cite_path,
+           "--split_key", "batch", "--test_values", "s1d2", "--label_key", "cell_type", "--output_dir",
+           str(tmp_path / "ddp"), "--epochs", "4", "--no-plots", "--num_threads", "1", "--n_top_genes", "300"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["accuracy"] > metrics["majority_accuracy"]
