@@ -22,8 +22,10 @@ def chunk():
     n_cells, n_genes, n_special = 300, 800, 4
     X = sp.random(n_cells, n_genes, density=0.3, format="csr", random_state=1,
                   data_rvs=lambda k: rng.negative_binomial(1, 0.4, k) + 1).astype(np.int32)
+    X = X.tolil()
     X[5] = 0  # an empty cell
     X[7, :3] = 0
+    X = X.tocsr()
     X.eliminate_zeros()
     totals = np.asarray(X.sum(1)).ravel().astype(np.float64) + rng.integers(0, 50, n_cells)
     totals[totals == 0] = 1
@@ -91,3 +93,28 @@ def test_rejects_bad_arguments():
         rank_encode(X.indptr, X.indices, X.data, np.array([0.0]), np.ones(2), top_k=5)
     with pytest.raises(ValueError, match="zero_candidates"):
         rank_encode(X.indptr, X.indices, X.data, np.array([3.0]), np.ones(2), top_k=5, n_zeros=1)
+
+
+def test_float64_ranking_orders_values_that_collide_in_float32():
+    # v = count * 10_000 / total / median: genes 0 and 1 differ by 1e-9 relative, which float32 cannot tell apart
+    X = sp.csr_matrix(np.array([[1, 1, 2]]))
+    medians = np.array([1.0 + 2e-9, 1.0, 4.0])
+    kw = dict(top_k=3, target_sum=10_000.0)
+    float32 = rank_encode(X.indptr, X.indices, X.data, np.array([4.0]), medians, **kw)
+    float64 = rank_encode(X.indptr, X.indices, X.data, np.array([4.0]), medians, rank_dtype=np.float64, **kw)
+    assert float32.input_ids.tolist() == [0, 1, 2]  # a float32 tie: the smaller token id first
+    assert float64.input_ids.tolist() == [1, 0, 2]  # float64: gene 1's value is larger
+    np.testing.assert_array_equal(float32.values, float64.values[[1, 0, 2]])
+    with pytest.raises(ValueError, match="rank_dtype"):
+        rank_encode(X.indptr, X.indices, X.data, np.array([4.0]), medians, rank_dtype=np.int32, **kw)
+
+
+def test_float64_ranking_matches_a_reference_on_random_cells(chunk):
+    X, totals, medians, n_special = chunk
+    tokens = rank_encode(X.indptr, X.indices + n_special, X.data, totals, medians, top_k=25, rank_dtype=np.float64)
+    for i in range(X.shape[0]):
+        row = X[i]
+        ids = row.indices + n_special
+        v = row.data / totals[i] * 10_000.0 / medians[ids]
+        order = np.lexsort((ids, -v))[:25]
+        np.testing.assert_array_equal(tokens.cell(i)[0], ids[order])

@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         COMMANDS[args.command](args)
-    except InputError as err:
+    except (InputError, FileNotFoundError, FileExistsError) as err:  # the user can fix these
         print(f"express-tokenize {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -141,9 +141,37 @@ def _count_lengths(indptr, indices, data, candidate_mask, n_candidates, top_k, n
 
 
 @numba.njit(cache=True)
+def _rank_float64(indices, data, lo, hi, total, target_sum, medians, k, out_ids, out_values, pos):
+    """Write the top ``k`` detected genes of one cell ranked by their float64 value (ties: smaller token id)."""
+    m = 0
+    for j in range(lo, hi):
+        if data[j] > 0:
+            m += 1
+    ids = np.empty(m, dtype=np.int64)
+    vals = np.empty(m, dtype=np.float64)
+    m = 0
+    for j in range(lo, hi):
+        if data[j] > 0:
+            ids[m] = indices[j]
+            vals[m] = data[j] / total * target_sum / medians[indices[j]]  # Geneformer's order of operations
+            m += 1
+    by_id = np.argsort(ids)
+    neg = np.empty(m, dtype=np.float64)
+    for r in range(m):
+        neg[r] = -vals[by_id[r]]
+    order = np.argsort(neg, kind="mergesort")  # stable: equal values keep ascending token ids
+    for r in range(k):
+        e = by_id[order[r]]
+        out_ids[pos] = ids[e]
+        out_values[pos] = np.float32(vals[e])
+        pos += 1
+    return pos
+
+
+@numba.njit(cache=True)
 def _encode(
     indptr, indices, data, totals, medians, cell_seeds, candidates, candidate_mask,
-    n_expr, n_zero, offsets, cls_id, eos_id, target_sum, out_ids, out_values, out_zero,
+    n_expr, n_zero, offsets, cls_id, eos_id, target_sum, out_ids, out_values, out_zero, rank64,
 ):
     n_cells = indptr.shape[0] - 1
     vocab_size = candidate_mask.shape[0]
@@ -163,29 +191,37 @@ def _encode(
             out_zero[pos] = 0
             pos += 1
         lo, hi = indptr[i], indptr[i + 1]
-        # One uint64 key per detected gene: the float32 bits of v (monotonic for v > 0) in the high word and the
-        # complemented token id in the low word, so "key descending" means "v descending, then token id ascending".
-        m = 0
-        scale = target_sum / totals[i]
-        for j in range(lo, hi):
-            if data[j] > 0:
-                g = indices[j]
-                val32[0] = np.float32(data[j] * scale / medians[g])
-                keys[m] = (np.uint64(bits32[0]) << _S32) | (_LOW32 - np.uint64(g))
-                m += 1
-        k = n_expr[i]
-        top = keys[:m]
-        if k < m:
-            _select_largest(top, k)  # the k largest keys move to the end, in place
-            top = top[m - k:]
-        top = np.sort(top)
-        for r in range(k):
-            key = top[k - 1 - r]
-            out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
-            bits32[0] = np.uint32(key >> _S32)
-            out_values[pos] = val32[0]
-            out_zero[pos] = 0
-            pos += 1
+        if rank64:
+            start = pos
+            pos = _rank_float64(indices, data, lo, hi, totals[i], target_sum, medians, n_expr[i], out_ids,
+                                out_values, pos)
+            for p in range(start, pos):
+                out_zero[p] = 0
+        else:
+            # One uint64 key per detected gene: the float32 bits of v (monotonic for v > 0) in the high word and
+            # the complemented token id in the low word, so "key descending" means "v descending, then token id
+            # ascending".
+            m = 0
+            scale = target_sum / totals[i]
+            for j in range(lo, hi):
+                if data[j] > 0:
+                    g = indices[j]
+                    val32[0] = np.float32(data[j] * scale / medians[g])
+                    keys[m] = (np.uint64(bits32[0]) << _S32) | (_LOW32 - np.uint64(g))
+                    m += 1
+            k = n_expr[i]
+            top = keys[:m]
+            if k < m:
+                _select_largest(top, k)  # the k largest keys move to the end, in place
+                top = top[m - k:]
+            top = np.sort(top)
+            for r in range(k):
+                key = top[k - 1 - r]
+                out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
+                bits32[0] = np.uint32(key >> _S32)
+                out_values[pos] = val32[0]
+                out_zero[pos] = 0
+                pos += 1
         # sample zero-expressed candidates without replacement
         z = n_zero[i]
         if z > 0:
@@ -254,6 +290,7 @@ def rank_encode(
     cls_id: int | None = None,
     eos_id: int | None = None,
     target_sum: float = 10_000.0,
+    rank_dtype: type = np.float32,
 ) -> RankTokens:
     """Encode a CSR chunk of cells as rank tokens.
 
@@ -269,6 +306,9 @@ def rank_encode(
         cell_seeds: ``(n_cells,)`` uint64 seed per cell (see :func:`mix_seeds`); required when ``n_zeros > 0``.
         cls_id, eos_id: optional special tokens placed first / last.
         target_sum: the library size cells are scaled to before dividing by the median (10,000 as Geneformer).
+        rank_dtype: the precision values are ranked in: ``np.float32`` (default; the precision ``values`` are stored
+            in, so the stored values are non-increasing) or ``np.float64`` (Geneformer's own ranking: genes whose
+            values differ only beyond float32 precision keep their float64 order).
 
     Returns:
         :class:`RankTokens` holding ``<cls>``, the ranked detected genes, the sampled zeros and ``<eos>`` per cell.
@@ -301,6 +341,8 @@ def rank_encode(
     candidate_mask = np.zeros(vocab_size, dtype=np.bool_)
     candidate_mask[candidates] = True
 
+    if np.dtype(rank_dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"rank_dtype must be float32 or float64, got {rank_dtype}")
     n_expr, n_zero = _count_lengths(indptr, indices, data, candidate_mask, len(candidates), top_k, n_zeros)
     n_extra = int(cls_id is not None) + int(eos_id is not None)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
@@ -312,7 +354,7 @@ def rank_encode(
     _encode(
         indptr, indices, data, totals, medians, seeds, candidates, candidate_mask, n_expr, n_zero, offsets,
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
-        out_ids, out_values, out_zero,
+        out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64),
     )
     return RankTokens(out_ids, out_values, out_zero, offsets)
 

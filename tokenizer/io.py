@@ -191,7 +191,10 @@ class H5adSource(CountSource):
 
     def obs_keys(self) -> list[str]:
         index = self._index_key("obs")
-        return [k for k in self._file["obs"].keys() if k != index and not k.startswith("__")]
+        stored = [k for k in self._file["obs"].keys() if k != index and not k.startswith("__")]
+        order = [k.decode() if isinstance(k, bytes) else str(k)
+                 for k in self._file["obs"].attrs.get("column-order", [])]
+        return [k for k in order if k in stored] + [k for k in stored if k not in order]
 
     def obs_column(self, key: str) -> pd.Series:
         return pd.Series(self._read(f"obs/{key}"))

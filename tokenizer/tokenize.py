@@ -70,6 +70,7 @@ class EncodeSpec:
     keep_counts: bool
     medians: np.ndarray  # (vocab_size,) per token id
     group_ids: np.ndarray  # (vocab_size, n_levels) int32, 0 for special tokens
+    rank_dtype: type = np.float32  # Geneformer ranks float64 values
 
     @property
     def with_groups(self) -> bool:
@@ -205,7 +206,7 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
     tokens = rank_encode(
         indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
         zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
-        cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum,
+        cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
     )
     lengths = tokens.lengths
     counters["written"] += len(rows)
@@ -464,6 +465,7 @@ def _prepare(inputs, vocab, geneformer_dicts, model_input_size, top_k, n_zeros, 
         mode=mode.name, top_k=int(mode.top_k), n_zeros=int(mode.n_zeros), seed=int(seed),
         target_sum=float(target_sum), cls_id=mode.cls_id, eos_id=mode.eos_id, keep_counts=bool(keep_counts),
         medians=vocab.token_medians, group_ids=vocab.token_group_ids.astype(np.int32),
+        rank_dtype=np.float64 if mode.name == "geneformer" else np.float32,
     )
     params = {"top_k": spec.top_k, "n_zeros": spec.n_zeros, "seed": spec.seed, "target_sum": spec.target_sum,
               "cls": spec.cls_id is not None, "eos": spec.eos_id is not None, "keep_counts": spec.keep_counts,

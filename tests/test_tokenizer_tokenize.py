@@ -1,0 +1,221 @@
+"""Tokenization: the dataset contract, equality with a per-cell reference, order and determinism."""
+
+import json
+
+import anndata as ad
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from tokenizer import GeneVocab, mix_seeds, rank_encode
+from tokenizer.errors import InputError, OutputExistsError
+from tokenizer.io import cell_keys, file_key
+from tokenizer.stats import fit_statistics
+from tokenizer.synthetic import synthetic_adata
+from tokenizer.tokenize import tokenize_adata, tokenize_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    a = synthetic_adata(n_cells=300, n_genes=400, seed=11)
+    b = synthetic_adata(n_cells=200, n_genes=400, seed=12)[:, 30:].copy()
+    X = b.X.tolil()
+    X[[3, 50]] = 0  # two empty cells
+    X = X.tocsr()
+    X.eliminate_zeros()
+    b.X = X
+    b.obs["score"] = np.linspace(0, 1, b.n_obs)
+    a.obs["score"] = np.arange(a.n_obs)  # int in one file, float in the other -> float64
+    paths = [root / "a.h5ad", root / "b.h5ad"]
+    a.write_h5ad(paths[0])
+    b.write_h5ad(paths[1])
+    stats = root / "stats"
+    fit_statistics(paths[:1], stats, min_cells=5, n_groups="8,3", progress=False)  # b's extra genes are unknown
+    return paths, [a, b], stats
+
+
+def _reference_cell(adata, row, vocab, top_k):
+    """Plain per-cell reference of the ranked part: normalise, rank by float32 value, ties to the smaller id."""
+    counts = adata.X[row].toarray().ravel().astype(np.float64)
+    total = counts.sum()
+    tokens = vocab.encode_gene_ids(list(adata.var_names))
+    keep = (tokens >= 0) & (counts > 0)
+    ids, x = tokens[keep], counts[keep]
+    v = (x / total * 1e4 / vocab.token_medians[ids]).astype(np.float32)
+    order = np.lexsort((ids, -v))[:top_k]
+    return ids[order], v[order], ids, x, total
+
+
+def test_dataset_contract_and_per_cell_reference(tmp_path, files):
+    paths, adatas, stats = files
+    out = tokenize_files(paths, stats, tmp_path / "tokens", top_k=40, n_zeros=10, seed=3, obs_keys="cell_type,score",
+                         keep_counts=True, progress=False, chunk_size=64)
+    ds = datasets.load_from_disk(str(out))
+    vocab = GeneVocab.load(out)
+    assert vocab.fingerprint() == GeneVocab.load(stats).fingerprint()
+    assert ds.column_names == ["input_ids", "values", "is_zero", "group_ids", "length", "total_counts", "cell_id",
+                               "source", "cell_type", "score", "counts_ids", "counts"]
+    feats = ds.features
+    assert feats["input_ids"].feature.dtype == "int32" and feats["values"].feature.dtype == "float32"
+    assert feats["is_zero"].feature.dtype == "int8" and feats["group_ids"].feature.feature.dtype == "int32"
+    assert feats["length"].dtype == "int32" and feats["total_counts"].dtype == "float64"
+    assert feats["cell_type"].dtype == "string" and feats["score"].dtype == "float64"
+    # rows keep the input order, without the two empty cells
+    expected_ids = list(adatas[0].obs_names) + [n for i, n in enumerate(adatas[1].obs_names) if i not in (3, 50)]
+    assert ds["cell_id"] == expected_ids
+    assert ds["source"] == ["a"] * 300 + ["b"] * 198
+    table = ds.with_format("numpy")
+    candidates_b = set(vocab.encode_gene_ids(list(adatas[1].var_names)).tolist()) - {-1}
+    for k in list(range(0, 300, 7)) + list(range(300, 498, 5)):
+        which, row = (0, k) if k < 300 else (1, k - 300 + (k - 300 >= 3) + (k - 300 >= 49))
+        adata = adatas[which]
+        assert ds[k]["cell_id"] == adata.obs_names[row]
+        ref_ids, ref_v, all_ids, all_x, total = _reference_cell(adata, row, vocab, 40)
+        cell = ds[k]
+        ids = np.asarray(cell["input_ids"])
+        n = len(ref_ids)
+        assert ids[0] == vocab.cls_id and cell["values"][0] == 0
+        np.testing.assert_array_equal(ids[1:1 + n], ref_ids)
+        np.testing.assert_array_equal(np.asarray(cell["values"][1:1 + n], dtype=np.float32), ref_v)
+        zeros = ids[1 + n:]
+        assert len(zeros) == 10 and len(set(zeros.tolist())) == 10
+        assert not set(zeros.tolist()) & set(all_ids.tolist())  # sampled zeros are not detected ...
+        if which == 1:
+            assert set(zeros.tolist()) <= candidates_b  # ... and are genes this file measures
+        assert cell["is_zero"] == [0] * (1 + n) + [1] * 10
+        assert all(value == 0 for value in cell["values"][1 + n:])
+        assert cell["length"] == 1 + n + 10
+        np.testing.assert_array_equal(np.asarray(cell["group_ids"]), vocab.token_group_ids[ids].T)
+        assert cell["total_counts"] == total
+        order = np.argsort(all_ids)
+        assert cell["counts_ids"] == all_ids[order].tolist() and cell["counts"] == all_x[order].astype(int).tolist()
+        assert cell["cell_type"] == str(adata.obs["cell_type"].iloc[row])
+    np.testing.assert_array_equal(table["score"][:300], np.arange(300, dtype=float))
+    # the zero sampling is seeded per cell by mix_seeds(seed, file key + row)
+    a = adatas[0]
+    rows = np.arange(300)
+    tokens = vocab.encode_gene_ids(list(a.var_names))
+    X = sp.csr_matrix(a.X)
+    keep = tokens[X.indices] >= 0
+    indptr = np.concatenate([[0], np.cumsum(np.add.reduceat(keep, X.indptr[:-1]))])
+    direct = rank_encode(indptr, tokens[X.indices][keep], X.data[keep], np.asarray(X.sum(1)).ravel().astype(float),
+                         vocab.token_medians, top_k=40, n_zeros=10, zero_candidates=np.unique(tokens[tokens >= 0]),
+                         cell_seeds=mix_seeds(3, cell_keys(file_key(str(paths[0])), rows)), cls_id=vocab.cls_id)
+    for i in range(0, 300, 13):
+        np.testing.assert_array_equal(direct.cell(i)[0], ds[i]["input_ids"])
+
+
+def test_manifest_counts_and_vocab_files(tmp_path, files):
+    paths, adatas, stats = files
+    out = tokenize_files(paths, stats, tmp_path / "tokens", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == "express"
+    assert manifest["params"]["top_k"] == 256 and manifest["params"]["n_zeros"] == 50
+    assert manifest["params"]["seed"] == 0 and manifest["params"]["target_sum"] == 10_000
+    counts = manifest["counts"]
+    assert counts["cells_in"] == 500 and counts["cells_written"] == 498
+    assert counts["cells_skipped"] == {"zero_counts": 2, "no_vocabulary_genes": 0}
+    vocab = GeneVocab.load(stats)
+    missing_b = len(set(adatas[1].var_names) - set(vocab.gene_ids))
+    assert [i["genes_missing_from_vocab"] for i in manifest["inputs"]] == [400 - vocab.n_genes, missing_b]
+    assert manifest["vocab_fingerprint"] == vocab.fingerprint()
+    ds = datasets.load_from_disk(str(out))
+    assert counts["tokens"] == int(np.sum(ds["length"]))
+    assert counts["length"]["max"] == max(ds["length"])
+    for name in ("vocab.json", "gene_stats.parquet", "stats.json"):
+        assert (out / name).is_file()
+    assert not list(tmp_path.glob(".tokens*"))  # no temporary folder left behind
+
+
+def test_output_is_the_same_whatever_the_workers_and_chunks(tmp_path, files):
+    paths, _, stats = files
+    kw = dict(top_k=30, n_zeros=8, seed=9, obs_keys=["donor"], keep_counts=True, progress=False)
+    one = tokenize_files(paths, stats, tmp_path / "one", chunk_size=2048, **kw)
+    two = tokenize_files(paths, stats, tmp_path / "two", num_workers=2, chunk_size=17, **kw)
+    a, b = datasets.load_from_disk(str(one)), datasets.load_from_disk(str(two))
+    assert len(list(two.glob("data-*.arrow"))) > 2  # several shards, listed in order
+    assert a.data.table.equals(b.data.table)
+    other = datasets.load_from_disk(str(tokenize_files(paths, stats, tmp_path / "seed", **{**kw, "seed": 10})))
+    assert a["input_ids"] != other["input_ids"]  # the seed changes the sampled zeros
+    assert [x[:5] for x in a["input_ids"]] == [x[:5] for x in other["input_ids"]]  # but not the ranked genes
+
+
+def test_tokenize_adata_matches_the_file_output(tmp_path, files):
+    paths, adatas, stats = files
+    vocab = GeneVocab.load(stats)
+    kw = dict(top_k=25, n_zeros=5, seed=1, obs_keys=["cell_type"], keep_counts=True)
+    in_memory = tokenize_adata(adatas[1], vocab, source_name="b.h5ad", **kw)
+    on_disk = datasets.load_from_disk(str(tokenize_files(paths[1:], stats, tmp_path / "b", progress=False, **kw)))
+    assert isinstance(in_memory, datasets.Dataset) and in_memory.num_rows == 198
+    for column in on_disk.column_names:
+        if column != "source":
+            assert in_memory[column] == on_disk[column], column
+    dense = adatas[1].copy()
+    dense.X = dense.X.toarray()
+    assert tokenize_adata(dense, vocab, source_name="b.h5ad", **kw)["input_ids"] == on_disk["input_ids"]
+
+
+def test_total_counts_key_and_gene_id_key(tmp_path, files):
+    paths, adatas, stats = files
+    a = adatas[0].copy()
+    totals = np.asarray(a.X.sum(1)).ravel() * 3.0
+    a.obs["n_counts"] = totals
+    vocab = GeneVocab.load(stats)
+    ds = tokenize_adata(a, vocab, total_counts_key="n_counts", n_zeros=0, top_k=5)
+    np.testing.assert_array_equal(ds["total_counts"], totals)
+    ref_ids, ref_v, *_ = _reference_cell(a, 0, vocab, 5)
+    np.testing.assert_allclose(ds[0]["values"][1:], ref_v / 3, rtol=1e-6)
+    by_ensembl = fit_statistics([a], None, gene_id_key="ensembl_id", progress=False)
+    assert by_ensembl.gene_ids[0].startswith("ENSG9")
+    ds = tokenize_adata(a, by_ensembl, gene_id_key="ensembl_id", n_zeros=0)
+    assert ds.num_rows == 300
+    with pytest.raises(InputError, match="none of its 400 genes is in the vocabulary"):
+        tokenize_adata(a, by_ensembl)  # symbols against an Ensembl vocabulary
+
+
+def test_existing_output_and_failed_runs_leave_nothing_behind(tmp_path, files):
+    paths, adatas, stats = files
+    out = tmp_path / "tokens"
+    tokenize_files(paths[:1], stats, out, progress=False)
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        tokenize_files(paths[:1], stats, out, progress=False)
+    before = json.loads((out / "manifest.json").read_text())["counts"]["cells_written"]
+    broken = adatas[0].copy()
+    X = broken.X.astype(np.float32).tolil()
+    X[250, 2] = -3
+    broken.X = X.tocsr()
+    bad = tmp_path / "bad.h5ad"
+    broken.write_h5ad(bad)
+    with pytest.raises(InputError, match="negative value"):
+        tokenize_files([paths[1], bad], stats, out, overwrite=True, progress=False, chunk_size=50)
+    # the previous dataset is untouched and no temporary folder is left
+    assert json.loads((out / "manifest.json").read_text())["counts"]["cells_written"] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5ad", "tokens"]
+    tokenize_files(paths[1:], stats, out, overwrite=True, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["cells_written"] == 198
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "thesis.txt").write_text("precious")
+    with pytest.raises(InputError, match="not an express output"):
+        tokenize_files(paths[1:], stats, unrelated, overwrite=True, progress=False)
+
+
+def test_obs_keys_must_exist_and_not_collide(tmp_path, files):
+    paths, _, stats = files
+    with pytest.raises(InputError, match=r"obs has no column 'tissue'; available columns: cell_type, donor, score"):
+        tokenize_files(paths, stats, tmp_path / "t", obs_keys="cell_type,tissue", progress=False)
+    with pytest.raises(InputError, match="collide"):
+        tokenize_files(paths, stats, tmp_path / "t", obs_keys="length", progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_missing_obs_values_become_nulls(files):
+    _, adatas, stats = files
+    a = adatas[0][:20].copy()
+    a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories(["x"])
+    a.obs.loc[a.obs_names[3], "cell_type"] = np.nan
+    ds = tokenize_adata(a, GeneVocab.load(stats), obs_keys=["cell_type"])
+    assert ds[3]["cell_type"] is None and ds[4]["cell_type"] == str(a.obs["cell_type"].iloc[4])
