@@ -184,3 +184,19 @@ def test_run_under_accelerate_launch_with_two_processes(tmp_path, cite_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     assert metrics["accuracy"] > metrics["majority_accuracy"]
+
+
+def test_hierarchy_hyperprior_from_an_obs_column(cite):
+    train = cite[0].copy()
+    # coarse level: the first word of each BMMC type ("CD4+", "CD8+", "NK", "Naive", ...)
+    train.obs["lineage"] = train.obs["cell_type"].astype(str).str.split(" ").str[0]
+    vae = api.train_vae(train, encoder="mlp", label_key="cell_type", hierarchy_key="lineage", n_top_genes=200,
+                        epochs=2)
+    names = [vae.config.id2label[i] for i in range(len(vae.config.id2label))]
+    parents = vae.settings.label_parents
+    coarse = sorted(train.obs["lineage"].unique())
+    assert [coarse[p] for p in parents] == [n.split(" ")[0] for n in names]
+    assert vae.vae.prior.parent_means.shape == (len(coarse), vae.settings.n_latent)
+    train.obs.loc[train.obs_names[0], "lineage"] = "somewhere else"  # one type now has two parents
+    with pytest.raises(ValueError, match="several parents"):
+        api.train_vae(train, encoder="mlp", label_key="cell_type", hierarchy_key="lineage", epochs=1)

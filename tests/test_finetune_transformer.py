@@ -94,7 +94,8 @@ def test_cell_type_from_pretrained_checkpoint_beats_majority(tmp_path, checkpoin
 
 
 def test_vae_and_adt_with_transformer_from_scratch(tmp_path, cite_path, cite):
-    vae = main(_args(tmp_path / "vae", cite_path, task="vae", batch_key="batch", epochs=6, n_latent=8))
+    vae = main(_args(tmp_path / "vae", cite_path, task="vae", batch_key="batch", epochs=6, n_latent=8,
+                     likelihood="zinb"))
     assert np.isfinite(vae["marginal_log_likelihood"])
     from test_finetune_mlp import _poisson_null
 
