@@ -35,8 +35,11 @@ from tokenizer import GeneVocab, encode_count_rows, mix_seeds
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-TOKEN_COLUMNS = ("input_ids", "values", "is_zero")
+TOKEN_COLUMNS = ("input_ids", "values", "is_zero")  # is_zero is absent in Geneformer-mode datasets (no zeros)
+REQUIRED_COLUMNS = ("input_ids", "values")
 COUNT_COLUMNS = ("counts_ids", "counts")
+# Cells scanned per source file to recover the genes that file measures (see TokenizedDataset.measured_genes)
+MEASURED_SCAN_CELLS = 5000
 IGNORE_INDEX = -100
 # Keeps the sample-seed stream apart from the tokenizer's per-cell zero-sampling seeds made from the same user seed.
 _SAMPLE_SEED_SALT = 0x5A3C_91E7_D24B_086F
@@ -66,6 +69,14 @@ class EncodingParams:
     add_cls: bool = True
     add_eos: bool = False
     zero_candidates: np.ndarray | None = None  # token ids eligible as sampled zeros; None = every vocabulary gene
+    # per source file (the ``source`` column): the vocabulary genes that file measures, which the tokenizer samples
+    # zeros from; filled by :meth:`TokenizedDataset.measured_genes` for MCV
+    zero_candidates_by_source: dict[str, np.ndarray] | None = None
+
+    def candidates_for(self, source: str | None) -> np.ndarray | None:
+        if self.zero_candidates_by_source is not None and source in self.zero_candidates_by_source:
+            return self.zero_candidates_by_source[source]
+        return self.zero_candidates
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> EncodingParams:
@@ -110,6 +121,37 @@ class TokenizedDataset:
         return np.asarray(ids.combine_chunks().value_lengths().to_numpy(), dtype=np.int64)
 
 
+    def measured_genes(self, max_cells: int = MEASURED_SCAN_CELLS) -> dict[str, np.ndarray]:
+        """Per source file, the vocabulary genes it measures: the union of its detected genes and sampled zeros.
+
+        The tokenizer samples zeros only among the genes a file measures, so the MCV re-tokenization must too. The
+        manifest records how many such genes each input has, not which; they are recovered from the first
+        ``max_cells`` cells of each source (each cell contributes its detected genes and ``n_zeros`` uniform draws
+        from the measured set, so with 5000 cells x 50 zeros a measured gene is missed with probability ~e^-12 per
+        20,000 genes, and a missed gene is one that was never detected).
+        """
+        table = self.dataset.with_format("arrow")
+        names = [c for c in ("input_ids", "is_zero", "counts_ids") if c in self.dataset.column_names]
+        sources = (table["source"].to_numpy(zero_copy_only=False) if "source" in self.dataset.column_names
+                   else np.full(len(self.dataset), ""))
+        found: dict[str, np.ndarray] = {}
+        for source in dict.fromkeys(sources.tolist()):
+            rows = np.flatnonzero(sources == source)[:max_cells]
+            part = table.select_columns(names)[rows.tolist()]
+            ids, _ = _ragged(part.column("input_ids"))
+            genes = [ids[ids >= self.vocab.n_special]]
+            if "counts_ids" in names:
+                genes.append(_ragged(part.column("counts_ids"))[0])
+            found[str(source)] = np.unique(np.concatenate(genes).astype(np.int64))
+        expected = {Path(str(i.get("path", ""))).stem: i.get("genes_in_vocab")
+                    for i in self.manifest.get("inputs", []) if isinstance(i, dict)}
+        for source, genes in found.items():
+            if expected.get(source) is not None and len(genes) < expected[source]:
+                logger.info("%s: %s measures %d vocabulary genes, %d of them seen in its cells (the others are "
+                            "never detected)", self.path, source, expected[source], len(genes))
+        return found
+
+
 def open_tokenized_dataset(path: str | os.PathLike) -> TokenizedDataset:
     """Open a tokenized dataset folder (Arrow data + vocabulary files + ``manifest.json``) with clear errors."""
     import datasets
@@ -142,7 +184,7 @@ def open_tokenized_dataset(path: str | os.PathLike) -> TokenizedDataset:
         raise DatasetFormatError(f"dataset {path} holds no Arrow data readable by datasets.load_from_disk: {err}")
     if not isinstance(dataset, datasets.Dataset):
         raise DatasetFormatError(f"dataset {path} is a DatasetDict; point --dataset at one split's folder")
-    missing = [c for c in TOKEN_COLUMNS if c not in dataset.column_names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise DatasetFormatError(f"dataset {path} lacks the columns {missing} of a tokenized dataset")
     return TokenizedDataset(path, dataset, vocab, manifest, EncodingParams.from_manifest(manifest))
@@ -193,7 +235,7 @@ class CellDataset(torch.utils.data.Dataset):
         self.rows = [np.asarray(r, dtype=np.int64) for r in rows]
         self.offsets = np.zeros(len(self.rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in self.rows], out=self.offsets[1:])
-        wanted = list(TOKEN_COLUMNS) + ["total_counts", *COUNT_COLUMNS, *columns]
+        wanted = list(TOKEN_COLUMNS) + ["total_counts", "source", *COUNT_COLUMNS, *columns]
         self.columns = [[c for c in dict.fromkeys(wanted) if c in p.dataset.column_names] for p in self.parts]
         missing = [(p.name, c) for p in self.parts for c in columns if c not in p.dataset.column_names]
         if missing:
@@ -313,6 +355,10 @@ def load_corpus(paths: Sequence[str | os.PathLike], *, eval_fraction: float = 0.
                 f"MCV needs each cell's raw counts, but {lacking} lack the counts_ids/counts columns; "
                 "tokenize with `express-tokenize tokenize --keep_counts`, or drop mcv from --objectives"
             )
+    if require_counts:
+        for d in opened:
+            if d.encoding.zero_candidates is None and d.encoding.n_zeros > 0:
+                d.encoding.zero_candidates_by_source = d.measured_genes()
     train_rows, eval_rows = [], []
     for i, d in enumerate(opened):
         tr, ev = split_held_out(len(d.dataset), eval_fraction, seed, max_cells=max_eval_cells, salt=i)
@@ -379,7 +425,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
-        if self.batches_per_replica(0) == 0:
+        if drop_last and self.batches_per_replica(0) == 0:
             raise ValueError(
                 f"{len(self.lengths)} cells make no full batch of {batch_size} per process for {num_replicas} "
                 "processes; lower the batch size or add data"
@@ -454,9 +500,10 @@ class ExpressCollator:
     (B, T) long. Optionally:
 
     - MCV (``mcv_input_fraction`` = p): each cell's kept counts are split ``x' ~ Binomial(x, p)``, ``x'' = x - x'``
-      (the library size outside the vocabulary is split the same way). ``x'`` is re-tokenized with the dataset's own
-      encoding (:func:`tokenizer.encode_count_rows`) and becomes the input; ``mcv_counts`` (B, vocab_size) float32
-      holds ``x''`` and ``mcv_library_size`` (B,) its library size. Needs ``counts_ids``/``counts`` rows.
+      (the counts outside the vocabulary, ``total_counts - sum(x)``, are split the same way, so the input's library
+      size is ``sum(x') + outside'``). ``x'`` is re-tokenized with the dataset's own encoding
+      (:func:`tokenizer.encode_count_rows`) and becomes the input; ``mcv_counts`` (B, vocab_size) float32 holds
+      ``x''`` and ``mcv_library_size`` (B,) its total over the vocabulary genes. Needs ``counts_ids``/``counts``.
     - MLM (``mlm_probability`` > 0): each maskable token (a detected gene; sampled zeros too when
       ``mask_sampled_zeros``) is chosen with that probability (at least one per cell); of those, 80% become
       ``<mask>`` (value set to 0, so neither the identity nor the level leaks), 10% a random gene token, 10% stay.
@@ -536,19 +583,23 @@ class ExpressCollator:
             x_in = rng.binomial(x, p)
             outside_in = int(rng.binomial(outside, p))
             held_out[i, ids] = x - x_in
-            held_out_library[i] = (x.sum() - x_in.sum()) + (outside - outside_in)
+            # the model spreads this library over vocabulary genes only, so it excludes the held-out counts outside
+            # the vocabulary (those still shape the input's library size below)
+            held_out_library[i] = x.sum() - x_in.sum()
             keep = x_in > 0
             kept_ids.append(ids[keep])
             kept_counts.append(x_in[keep])
             kept_totals[i] = x_in.sum() + outside_in
             zero_seeds[i] = rng.integers(2**63, dtype=np.uint64)
         new_rows = [dict(r) for r in rows]
-        by_dataset: dict[int, list[int]] = {}
+        groups: dict[tuple[int, str | None], list[int]] = {}  # one encoder call per dataset and source file
         for i, row in enumerate(rows):
-            by_dataset.setdefault(int(row.get("dataset_index", 0)), []).append(i)
-        for dataset_index, members in by_dataset.items():
+            groups.setdefault((int(row.get("dataset_index", 0)), row.get("source")), []).append(i)
+        for (dataset_index, source), members in groups.items():
             enc = self._encoding(dataset_index)
-            candidates = enc.zero_candidates if enc.zero_candidates is not None else self.vocab.gene_token_ids
+            candidates = enc.candidates_for(source)
+            if candidates is None:
+                candidates = self.vocab.gene_token_ids
             tokens = encode_count_rows(
                 [kept_ids[i] for i in members], [kept_counts[i] for i in members],
                 # a cell whose split kept nothing gets total 1 so it encodes as <cls> + sampled zeros
@@ -601,7 +652,7 @@ class ExpressCollator:
         for row, rng in zip(rows, rngs):
             ids = np.asarray(row["input_ids"], dtype=np.int64)
             values = np.asarray(row["values"], dtype=np.float32)
-            is_zero = np.asarray(row["is_zero"], dtype=np.int64)
+            is_zero = np.asarray(row["is_zero"], dtype=np.int64) if "is_zero" in row else np.zeros(len(ids), np.int64)
             if self.max_length is not None and len(ids) > self.max_length:
                 ids, values, is_zero = ids[:self.max_length], values[:self.max_length], is_zero[:self.max_length]
             labels = counts = None

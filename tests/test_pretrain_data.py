@@ -57,16 +57,25 @@ def make_counts(n_cells: int, n_genes: int, seed: int) -> tuple[sp.csr_matrix, n
 
 
 def make_tokenized_dataset(path: Path, *, n_cells: int = 48, vocab: GeneVocab | None = None, seed: int = 0,
-                           top_k: int = 12, n_zeros: int = 4, keep_counts: bool = True) -> Path:
-    """A tokenized dataset folder as ``express-tokenize tokenize --keep_counts --obs_keys cell_type`` writes it."""
+                           top_k: int = 12, n_zeros: int = 4, keep_counts: bool = True,
+                           measured: np.ndarray | None = None, source: str = "synthetic") -> Path:
+    """A tokenized dataset folder as ``express-tokenize tokenize --keep_counts --obs_keys cell_type`` writes it.
+    ``measured``: indices of the genes the (one) source file measures; zeros are sampled among them only."""
     vocab = vocab or make_vocab()
     X, labels = make_counts(n_cells, vocab.n_genes, seed)
+    candidates = vocab.gene_token_ids
+    if measured is not None:
+        keep = np.zeros(vocab.n_genes)
+        keep[measured] = 1
+        X = sp.csr_matrix(X.multiply(keep[None, :]).astype(np.int32))
+        X.eliminate_zeros()
+        candidates = vocab.n_special + np.asarray(measured)
     rng = np.random.default_rng(seed + 1)
     outside = rng.integers(0, 30, n_cells)  # counts of genes outside the vocabulary
     totals = np.asarray(X.sum(axis=1)).ravel() + outside + 1.0
     token_ids = X.indices + vocab.n_special
     tokens = rank_encode(X.indptr, token_ids, X.data, totals, vocab.token_medians, top_k=top_k, n_zeros=n_zeros,
-                         zero_candidates=vocab.gene_token_ids, cell_seeds=mix_seeds(seed, np.arange(n_cells)),
+                         zero_candidates=candidates, cell_seeds=mix_seeds(seed, np.arange(n_cells)),
                          cls_id=vocab.cls_id)
     lists = tokens.to_lists()
     columns = {
@@ -76,7 +85,7 @@ def make_tokenized_dataset(path: Path, *, n_cells: int = 48, vocab: GeneVocab | 
         "length": tokens.lengths,
         "total_counts": totals.astype(np.float64),
         "cell_id": [f"cell{i}" for i in range(n_cells)],
-        "source": ["synthetic"] * n_cells,
+        "source": [source] * n_cells,
         "cell_type": [CELL_TYPES[i] for i in labels],
         "label": labels.astype(np.int64),
     }
@@ -368,16 +377,17 @@ def test_mcv_split_and_retokenization(two_datasets):
         x_in = x - held[i].numpy()
         assert (held[i].numpy() >= 0).all() and (x_in >= 0).all()  # x'' <= x
         assert held[i][x == 0].sum() == 0
-        outside = round(row["total_counts"]) - x.sum()
-        library_in = row["total_counts"] - x.sum() - outside + x_in.sum()  # kept counts inside the vocabulary
-        # library sizes: held-out + input = total (the out-of-vocabulary part is split too)
-        assert 0 <= batch["mcv_library_size"][i].item() - held[i].sum().item() <= outside
-        total_in = row["total_counts"] - batch["mcv_library_size"][i].item()
-        # the input is the same encoder run on x' (one implementation of the encoding)
+        assert batch["mcv_library_size"][i].item() == held[i].sum().item()
+        # the input is the same encoder run on x' (one implementation of the encoding); its library size is
+        # sum(x') plus a binomial share of the counts outside the vocabulary, recovered from the input's values
         ids = np.flatnonzero(x_in)
-        expected = encode_count_rows([ids], [x_in[ids]], np.array([max(total_in, 1.0)]), vocab.token_medians,
-                                     top_k=enc.top_k, n_zeros=0, cls_id=vocab.cls_id)
         t = batch["attention_mask"][i].sum().item()
+        top = batch["input_ids"][i, 1].item()
+        total_in = x_in[top] * 10_000 / vocab.token_medians[top] / batch["values"][i, 1].item()
+        outside = round(row["total_counts"]) - x.sum()
+        assert x_in.sum() - 1e-3 <= total_in <= x_in.sum() + outside + 1e-3
+        expected = encode_count_rows([ids], [x_in[ids]], np.array([total_in]), vocab.token_medians,
+                                     top_k=enc.top_k, n_zeros=0, cls_id=vocab.cls_id)
         got_ids = batch["input_ids"][i, :t].numpy()
         got_zero = batch["is_zero"][i, :t].numpy()
         detected = got_ids[got_zero == 0]
@@ -385,7 +395,6 @@ def test_mcv_split_and_retokenization(two_datasets):
         np.testing.assert_allclose(batch["values"][i, :t].numpy()[got_zero == 0], expected.values, rtol=1e-6)
         assert (got_zero == 1).sum() == min(enc.n_zeros, vocab.n_genes - len(ids))
         assert not set(got_ids[got_zero == 1]) & set(ids)  # sampled zeros really are zero in x'
-        assert library_in <= row["total_counts"]
 
 
 def test_mcv_split_is_binomial(two_datasets):
@@ -424,7 +433,11 @@ def test_count_targets_are_the_raw_counts_of_masked_detected_genes(two_datasets)
     mcv = ExpressCollator(vocab, mlm_probability=0.3, count_targets=True, mcv_input_fraction=0.5,
                           encodings=corpus.encodings)(rows)
     totals = np.array([r["total_counts"] for r in rows])
-    np.testing.assert_allclose(mcv["library_size"].numpy() + mcv["mcv_library_size"].numpy(), totals, rtol=1e-6)
+    kept_in_vocab = np.array([r["counts"].sum() for r in rows]) - mcv["mcv_library_size"].numpy()
+    assert (mcv["library_size"].numpy() >= kept_in_vocab).all()
+    assert (mcv["library_size"].numpy() + mcv["mcv_library_size"].numpy() <= totals).all()
+    scored = mcv["count_targets"] != IGNORE_INDEX
+    assert scored.any() and (mcv["count_targets"][scored] >= 1).all()
 
 
 def test_label_columns_pass_through(two_datasets):
@@ -451,3 +464,17 @@ def test_collator_rejects_bad_settings(two_datasets):
 def test_encoding_params_from_manifest():
     enc = EncodingParams.from_manifest({"params": {"top_k": 7, "n_zeros": 3, "target_sum": 1e4, "eos": True}})
     assert (enc.top_k, enc.n_zeros, enc.add_cls, enc.add_eos) == (7, 3, True, True)
+
+
+def test_mcv_samples_zeros_among_the_genes_the_source_file_measures(tmp_path):
+    vocab = make_vocab(80)
+    measured = np.arange(0, 80, 2)  # the file measures every other gene
+    path = make_tokenized_dataset(tmp_path / "half", n_cells=200, vocab=vocab, measured=measured, source="half",
+                                  n_zeros=10)
+    corpus = load_corpus([path], eval_fraction=0.0, require_counts=True)
+    found = corpus.encodings[0].zero_candidates_by_source["half"]
+    assert set(found) <= set(vocab.n_special + measured) and len(found) >= len(measured) - 1
+    batch = ExpressCollator(vocab, mcv_input_fraction=0.5, mlm_probability=0.0,
+                            encodings=corpus.encodings)(_rows(corpus, 50))
+    zeros = batch["input_ids"][batch["is_zero"] == 1]
+    assert len(zeros) > 100 and set(zeros.tolist()) <= set((vocab.n_special + measured).tolist())

@@ -1,0 +1,195 @@
+"""End-to-end pretraining with ``pretrain/run.py`` on tiny synthetic datasets (CPU, tiny model): learning, outputs,
+exact resume, faults (vocabulary mismatches, corrupt checkpoints, NaN loss) and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from pretrain.data import VocabularyMismatchError
+from pretrain.run import NonFiniteLossError, PretrainArgs, main
+from pretrain.training import CheckpointError, parse_args, verify_checkpoint
+from test_pretrain_data import make_tokenized_dataset, make_vocab
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, per_device_batch_size=8,
+            report_to="none", progress_bar=False, logging_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one thread (no OpenMP contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    vocab = make_vocab(60)
+    a = make_tokenized_dataset(root / "a", n_cells=64, vocab=vocab, seed=1, top_k=16, n_zeros=4)
+    b = make_tokenized_dataset(root / "b", n_cells=40, vocab=vocab, seed=2, top_k=12, n_zeros=6)
+    other = make_tokenized_dataset(root / "other_vocab", n_cells=40, vocab=make_vocab(60, prefix="ENSG"), seed=3)
+    return {"a": str(a), "b": str(b), "other": str(other)}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(folder / "model.safetensors"))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_pretraining_learns_and_writes_a_loadable_model(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    result = main(PretrainArgs(dataset=[corpus_dir["a"], corpus_dir["b"]], output_dir=str(out), max_steps=60,
+                               eval_steps=10, save_steps=25, save_total_limit=2, learning_rate=3e-3,
+                               objectives="mlm,mcv,count", eval_fraction=0.15,
+                               **{**TINY, "report_to": "tensorboard"}))
+    history = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval/mlm_loss" in h]
+    assert [h["step"] for h in evals] == [10, 20, 30, 40, 50, 60]
+    first, last = evals[0], evals[-1]
+    # a real decrease of every held-out loss (not noise: these are fixed cells with fixed masks and splits)
+    assert last["eval/mlm_loss"] < math.log(60) - 0.1  # uniform guessing among the 60 genes: log(60)
+    assert last["eval/mlm_loss"] < first["eval/mlm_loss"]
+    assert last["eval/mcv_nll"] < first["eval/mcv_nll"] - 0.01
+    assert last["eval/count_nll"] < first["eval/count_nll"]
+    assert last["eval/mlm_accuracy"] > 3 / 60  # well above guessing one of 60 genes
+    assert result["metrics"] == {k: v for k, v in last.items() if k != "step"}
+    train = [h for h in history if "train/loss" in h]
+    assert all(h["train/tokens_per_s"] > 0 and h["train/cells_per_s"] > 0 for h in train)
+
+    # checkpoints: every 25 steps and at the end, the newest two kept, each complete and verified
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-50", "checkpoint-60"]
+    assert verify_checkpoint(out / "checkpoint-60")["step"] == 60
+    # final/: from_pretrained folder + vocabulary + model card; logs and the loss curve
+    final = Path(result["final_dir"])
+    import modeling
+    from tokenizer import GeneVocab
+    from transformers import AutoModel
+
+    model = modeling.ExpressForMaskedModeling.from_pretrained(final)
+    encoder = AutoModel.from_pretrained(final)
+    assert type(encoder).__name__ == "ExpressModel" and bool(encoder.embeddings.gene_statistics_set)
+    assert GeneVocab.load(final).fingerprint() == GeneVocab.load(corpus_dir["a"]).fingerprint()
+    saved = _weights(out / "checkpoint-60")
+    state = model.state_dict()
+    assert len(saved) > 20 and all(torch.equal(state[k], v) for k, v in saved.items())
+    card = (final / "README.md").read_text()
+    assert "eval/mlm_accuracy" in card and '"max_steps": 60' in card and "mlm + mcv + count" in card
+    assert json.loads((final / "metrics.json").read_text())["step"] == 60
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(corpus_dir, tmp_path):
+    # dropout, gradient accumulation, MCV splits, masking and an epoch boundary all have to resume exactly
+    common = dict(dataset=[corpus_dir["a"], corpus_dir["b"]], max_steps=8, save_steps=3, eval_steps=4, dropout=0.1,
+                  gradient_accumulation_steps=2, objectives="mlm,mcv", dataset_weights=[1.0, 2.0], **TINY)
+    whole_result = main(PretrainArgs(output_dir=str(tmp_path / "whole"), **common))
+    cut = tmp_path / "cut"
+    stopped = main(PretrainArgs(output_dir=str(cut), stop_at_step=5, **common))
+    assert stopped["step"] == 5 and "final_dir" not in stopped and not (cut / "final").exists()
+    resumed = main(PretrainArgs(output_dir=str(cut), resume=True, **common))
+    assert resumed["step"] == 8
+    whole, again = _weights(tmp_path / "whole" / "final"), _weights(cut / "final")
+    assert whole.keys() == again.keys()
+    for name in whole:
+        assert torch.equal(whole[name], again[name]), name  # bitwise
+    assert resumed["metrics"] == whole_result["metrics"]
+
+
+def test_vocabulary_mismatch_with_a_checkpoint_or_init_model(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=2, stop_at_step=2, **TINY))
+    with pytest.raises(VocabularyMismatchError, match=r"checkpoint-2 was trained with vocabulary .* the datasets use"):
+        main(PretrainArgs(dataset=[corpus_dir["other"]], output_dir=str(out), max_steps=2, resume=True, **TINY))
+    with pytest.raises(VocabularyMismatchError, match="--stats"):
+        main(PretrainArgs(dataset=[corpus_dir["other"]], output_dir=str(tmp_path / "b"), max_steps=1,
+                          init_from=str(out / "checkpoint-2"), **TINY))
+    with pytest.raises(VocabularyMismatchError, match="vocabularies differ"):
+        main(PretrainArgs(dataset=[corpus_dir["a"], corpus_dir["other"]], output_dir=str(tmp_path / "c"),
+                          max_steps=1, **TINY))
+    bare = tmp_path / "bare_model"
+    from modeling import ExpressForMaskedModeling
+
+    ExpressForMaskedModeling.from_pretrained(out / "checkpoint-2").save_pretrained(bare)  # no vocabulary files
+    with pytest.raises(VocabularyMismatchError, match="has no vocabulary files"):
+        main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(tmp_path / "d"), max_steps=1,
+                          init_from=str(bare), **TINY))
+
+
+def test_init_from_a_pretrained_model_starts_from_its_weights(corpus_dir, tmp_path):
+    first = main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(tmp_path / "one"), max_steps=3, **TINY))
+    second = main(PretrainArgs(dataset=[corpus_dir["b"]], output_dir=str(tmp_path / "two"), max_steps=1,
+                               learning_rate=1e-9, warmup_steps=0, init_from=first["final_dir"], **TINY))
+    a, b = _weights(Path(first["final_dir"])), _weights(Path(second["final_dir"]))
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
+
+
+def test_corrupt_checkpoint_on_resume_is_refused_and_nothing_is_overwritten(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=6, save_steps=2, stop_at_step=4,
+                      **TINY))
+    optimizer_file = out / "checkpoint-4" / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-10])  # truncated
+    before = _snapshot(out)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 is corrupt: optimizer.pt has \d+ bytes"):
+        main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=6, save_steps=2, resume=True,
+                          **TINY))
+    assert _snapshot(out) == before
+
+
+def test_output_dir_of_an_earlier_run_is_not_overwritten(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=1, **TINY))
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=1, **TINY))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    from modeling import ExpressForMaskedModeling
+
+    original = ExpressForMaskedModeling.forward
+    calls = {"train": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] >= 5:  # the fifth optimizer step
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ExpressForMaskedModeling, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 5.*checkpoint-4"):
+        main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=10, save_steps=2, **TINY))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert verify_checkpoint(out / "checkpoint-4")["step"] == 4
+    weights = _weights(out / "checkpoint-4")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+    assert not (out / "final").exists()
+
+
+def test_command_line_and_config_file(tmp_path):
+    config = tmp_path / "args.yaml"
+    config.write_text("objectives: mlm\nmax_steps: 7\ndataset: [x, y]\nlearning_rate: 0.01\n")
+    args = parse_args(PretrainArgs, ["--config", str(config), "--max-steps", "9", "--output_dir", "o", "--resume"])
+    assert (args.objectives, args.max_steps, args.dataset, args.learning_rate, args.resume) == \
+        ("mlm", 9, ["x", "y"], 0.01, True)
+    args = parse_args(PretrainArgs, ["--dataset", "a", "--dataset", "b", "--objectives", "mlm,mcv,count",
+                                     "--save_steps", "5", "--seed", "3"])
+    assert args.dataset == ["a", "b"] and args.objective_list == ["mlm", "mcv", "count"] and args.seed == 3
+    with pytest.raises(ValueError, match="subset of"):
+        parse_args(PretrainArgs, ["--objectives", "mlm,contrastive"])
+    with pytest.raises(ValueError, match="one --dataset_weights value per --dataset"):
+        PretrainArgs(dataset=["a"], dataset_weights=[1.0, 2.0])
