@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad

@@ -20,6 +20,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def umap_coordinates(embedding: np.ndarray, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     """2-D UMAP of an embedding (umap-learn)."""
     import umap
@@ -47,11 +55,7 @@ def plot_umap(coords: np.ndarray, colours: dict[str, Sequence], path: str | Path
         if len(cats) <= 50:
             ax.legend(fontsize=5 if len(cats) > 20 else 6, markerscale=2, loc="center left",
                       bbox_to_anchor=(1.0, 0.5), frameon=False, ncol=2 if len(cats) > 20 else 1)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
@@ -74,11 +78,7 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: str | Path, *
                             color="white" if share[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_protein_scatter(pred: np.ndarray, true: np.ndarray, names: Sequence[str], path: str | Path, *,
@@ -108,8 +108,4 @@ def plot_protein_scatter(pred: np.ndarray, true: np.ndarray, names: Sequence[str
     for ax in flat[cols:]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -154,7 +154,7 @@ def main(args: FinetuneArgs) -> dict:
 
     from finetune import api
     from finetune import metrics as M
-    from finetune.data import UNLABELLED, normalize_proteins, protein_counts
+    from finetune.data import normalize_proteins, protein_counts
     from finetune.trainer import TrainSettings, fit, predict
     from pretrain.training import seed_everything
     from tokenizer.vocab import atomic_write_bytes

@@ -1,36 +1,18 @@
 """Fine-tuning with the transformer encoder: loading a pretraining checkpoint (weights, vocabulary, freezing) and
 tiny end-to-end runs of every task on real data, each beating its trivial baseline on held-out cells."""
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
 
 from finetune import api
-from finetune.data import split_adata
 from finetune.run import FinetuneArgs, main
 from modeling import ExpressConfig, ExpressForMaskedModeling
+from test_finetune_mlp import _one_thread, _poisson_null, cite, cite_path  # noqa: F401  (shared fixtures)
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def cite_path():
-    from conftest import shared_path
-
-    return str(shared_path("bmmc_cite_600.h5ad"))
-
-
-@pytest.fixture(scope="module")
-def cite(cite_path):
-    return split_adata(ad.read_h5ad(cite_path), "batch", ["s1d2"])
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +79,6 @@ def test_vae_and_adt_with_transformer_from_scratch(tmp_path, cite_path, cite):
     vae = main(_args(tmp_path / "vae", cite_path, task="vae", batch_key="batch", epochs=6, n_latent=8,
                      likelihood="zinb"))
     assert np.isfinite(vae["marginal_log_likelihood"])
-    from test_finetune_mlp import _poisson_null
-
     model = api.load_model(tmp_path / "vae" / "out" / "model")
     assert vae["marginal_log_likelihood"] > _poisson_null(cite[0], cite[1], model.settings.decoder_genes)
     adt = main(_args(tmp_path / "adt", cite_path, task="adt", protein_obsm_key="protein_counts", epochs=15, lr=5e-3))
