@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_express import ExpressConfig
 from .likelihoods import log_nb, log_ztnb
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.get_logger(__name__)
 
@@ -75,6 +79,8 @@ class ExpressEmbeddings(nn.Module):
     """Token embedding = projection of the hierarchical gene embedding + value + zero fraction + rank position
     + sampled-zero marker, then LayerNorm and dropout. Works on any leading shape: ``(B, T)`` or packed ``(N,)``."""
 
+    ZERO_FRACTION_WIDTH = 16  # hidden width of the zero-fraction MLP: one scalar in [0, 1] needs little
+
     def __init__(self, config: ExpressConfig) -> None:
         super().__init__()
         self.config = config
@@ -94,7 +100,9 @@ class ExpressEmbeddings(nn.Module):
             else None
         )
         self.zero_fraction_embedding = (
-            ExpressScalarEmbedding(16, config.hidden_size, config.hidden_act) if config.use_zero_fraction else None
+            ExpressScalarEmbedding(self.ZERO_FRACTION_WIDTH, config.hidden_size, config.hidden_act)
+            if config.use_zero_fraction
+            else None
         )
         self.position_embeddings = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -305,6 +313,8 @@ class ExpressPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["ExpressEmbeddings", "ExpressLayer"]
+    # A checkpoint from one head loads into another (pretraining -> fine-tuning) without listing the other's weights.
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count)_head\.", r"^classifier\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -333,7 +343,9 @@ class ExpressPreTrainedModel(PreTrainedModel):
     def _embeddings(self) -> ExpressEmbeddings:
         return self.base_model.embeddings
 
-    def set_gene_statistics(self, zero_fraction, group_ids=None) -> None:
+    def set_gene_statistics(
+        self, zero_fraction: torch.Tensor | np.ndarray, group_ids: torch.Tensor | np.ndarray | None = None
+    ) -> None:
         """Fill the per-token buffers from the vocabulary (saved with the weights by ``save_pretrained``).
 
         Args:
@@ -369,7 +381,7 @@ class ExpressPreTrainedModel(PreTrainedModel):
                         f"group_level_sizes[{level}] = {size}; build the config with ExpressConfig.from_vocab(vocab)"
                     )
             embeddings.gene_group_ids.copy_(group_ids)
-        elif group_ids is not None and torch.as_tensor(group_ids).reshape(config.vocab_size, -1).shape[1] > 0:
+        elif group_ids is not None and torch.as_tensor(group_ids).numel() > 0:
             logger.warning("group_ids ignored: the config has no group levels (group_level_sizes is empty)")
         embeddings.gene_zero_fraction.copy_(zero_fraction)
         embeddings.gene_statistics_set.fill_(True)

@@ -158,6 +158,8 @@ def test_set_gene_statistics_validates():
     with pytest.raises(ValueError, match="level 1"):
         model.set_gene_statistics(zero_fraction, bad)
     model.set_gene_statistics(zero_fraction.numpy(), groups.numpy())  # numpy works too
+    flat = ExpressModel(tiny_config(group_level_sizes=[], group_embedding_dims=[]))
+    flat.set_gene_statistics(zero_fraction, torch.zeros(VOCAB, 0, dtype=torch.long))  # a vocabulary without levels
     torch.testing.assert_close(model.embeddings.gene_group_ids, groups)
     assert bool(model.embeddings.gene_statistics_set)
 
