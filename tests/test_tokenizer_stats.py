@@ -164,7 +164,7 @@ def test_projection_sketch_equals_a_direct_reference(corpus):
         buckets = state.sketch.bucket_index(row.data / totals[i] * 1e4)
         proj[row.indices, coord[i]] += np.where(negative[i], -1, 1) * table[buckets]
     order = pd.Index(adata.var_names).get_indexer(state.gene_ids)
-    np.testing.assert_array_equal(state.proj, proj[order])
+    np.testing.assert_array_equal(state.proj.T, proj[order])  # state.proj is laid out (dim, n_genes)
 
 
 def test_sketch_cosines_estimate_gene_correlations():

@@ -3,7 +3,8 @@
 This is the one implementation of the per-cell encoding (SPEC §1). Tokenization, Geneformer mode and the on-the-fly
 re-tokenization of binomially split counts in pretraining (MCV) all call :func:`rank_encode`.
 
-For each cell (a row of a CSR matrix whose column indices are already vocabulary token ids):
+For each cell (a row of a CSR matrix whose column indices are vocabulary token ids, or are mapped to them through
+``col_map``):
 
 1. normalise every detected gene: ``v_g = x_g / total * target_sum / median_g``;
 2. rank detected genes by ``v_g`` (as float32, the precision it is stored in) descending; ties go to the smaller
@@ -122,8 +123,81 @@ def _select_largest(a: np.ndarray, k: int) -> None:
             return
 
 
+_S53 = np.uint64(53)
+
+
+@numba.njit(cache=True, inline="always")
+def _sort_descending(a, lo, hi):
+    """Sort ``a[lo:hi]`` in descending order (insertion sort for the short runs it is used on)."""
+    if hi - lo > 32:
+        run = np.sort(a[lo:hi])
+        for r in range(hi - lo):
+            a[lo + r] = run[hi - lo - 1 - r]
+        return
+    for r in range(lo + 1, hi):
+        key = a[r]
+        q = r - 1
+        while q >= lo and a[q] < key:
+            a[q + 1] = a[q]
+            q -= 1
+        a[q + 1] = key
+
+
 @numba.njit(cache=True)
-def _count_lengths(indptr, indices, data, candidate_mask, n_candidates, top_k, n_zeros):
+def _top_keys(keys, m, k, hist, out):
+    """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``.
+
+    A radix pass on the top 11 bits of each key (for positive float32 values: the exponent and two mantissa bits)
+    counts the keys per bucket; the buckets above the one holding the k-th largest key are taken whole and
+    scattered into place bucket by bucket (each short run then sorted), and only the boundary bucket needs a
+    selection. ``hist`` (2048 zeros) is scratch and is left zeroed.
+    """
+    k = min(k, m)
+    if k <= 0:
+        return
+    low, high = hist.shape[0], -1
+    for r in range(m):
+        b = np.int64(keys[r] >> _S53)
+        hist[b] += 1
+        low = min(low, b)
+        high = max(high, b)
+    seen = 0
+    cut = high
+    while seen + hist[cut] < k:
+        seen += hist[cut]
+        cut -= 1
+    pool = np.empty(hist[cut], dtype=np.uint64)
+    start = 0
+    for b in range(high, cut, -1):  # bucket counts -> write cursors, largest bucket first
+        c = hist[b]
+        hist[b] = start
+        start += c
+    n_pool = 0
+    for r in range(m):
+        key = keys[r]
+        b = np.int64(key >> _S53)
+        if b > cut:
+            out[hist[b]] = key
+            hist[b] += 1
+        elif b == cut:
+            pool[n_pool] = key
+            n_pool += 1
+    start = 0
+    for b in range(high, cut, -1):  # the cursors now mark the ends of the runs
+        _sort_descending(out, start, hist[b])
+        start = hist[b]
+    for b in range(low, high + 1):
+        hist[b] = 0
+    need = k - seen
+    if need < n_pool:
+        _select_largest(pool, need)
+    for r in range(need):
+        out[seen + r] = pool[n_pool - need + r]
+    _sort_descending(out, seen, k)
+
+
+@numba.njit(cache=True)
+def _count_lengths(indptr, indices, data, col_map, candidate_mask, n_candidates, top_k, n_zeros):
     n_cells = indptr.shape[0] - 1
     n_expr = np.zeros(n_cells, dtype=np.int64)
     n_zero = np.zeros(n_cells, dtype=np.int64)
@@ -131,9 +205,10 @@ def _count_lengths(indptr, indices, data, candidate_mask, n_candidates, top_k, n
         detected = 0
         detected_candidates = 0
         for j in range(indptr[i], indptr[i + 1]):
-            if data[j] > 0:
+            g = col_map[indices[j]]
+            if data[j] > 0 and g >= 0:
                 detected += 1
-                if candidate_mask[indices[j]]:
+                if candidate_mask[g]:
                     detected_candidates += 1
         n_expr[i] = min(detected, top_k)
         n_zero[i] = min(n_zeros, n_candidates - detected_candidates)
@@ -141,19 +216,20 @@ def _count_lengths(indptr, indices, data, candidate_mask, n_candidates, top_k, n
 
 
 @numba.njit(cache=True)
-def _rank_float64(indices, data, lo, hi, total, target_sum, medians, k, out_ids, out_values, pos):
+def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, k, out_ids, out_values, pos):
     """Write the top ``k`` detected genes of one cell ranked by their float64 value (ties: smaller token id)."""
     m = 0
     for j in range(lo, hi):
-        if data[j] > 0:
+        if data[j] > 0 and col_map[indices[j]] >= 0:
             m += 1
     ids = np.empty(m, dtype=np.int64)
     vals = np.empty(m, dtype=np.float64)
     m = 0
     for j in range(lo, hi):
-        if data[j] > 0:
-            ids[m] = indices[j]
-            vals[m] = data[j] / total * target_sum / medians[indices[j]]  # Geneformer's order of operations
+        g = col_map[indices[j]]
+        if data[j] > 0 and g >= 0:
+            ids[m] = g
+            vals[m] = data[j] / total * target_sum / medians[g]  # Geneformer's order of operations
             m += 1
     by_id = np.argsort(ids)
     neg = np.empty(m, dtype=np.float64)
@@ -170,7 +246,7 @@ def _rank_float64(indices, data, lo, hi, total, target_sum, medians, k, out_ids,
 
 @numba.njit(cache=True)
 def _encode(
-    indptr, indices, data, totals, medians, cell_seeds, candidates, candidate_mask,
+    indptr, indices, data, col_map, totals, medians, cell_seeds, candidates, candidate_mask,
     n_expr, n_zero, offsets, cls_id, eos_id, target_sum, out_ids, out_values, out_zero, rank64,
 ):
     n_cells = indptr.shape[0] - 1
@@ -181,8 +257,13 @@ def _encode(
     for i in range(n_cells):
         max_nnz = max(max_nnz, indptr[i + 1] - indptr[i])
     keys = np.empty(max_nnz, dtype=np.uint64)
-    val32 = np.zeros(1, dtype=np.float32)
-    bits32 = val32.view(np.uint32)  # reinterpret float32 <-> uint32 through a shared one-element buffer
+    top = np.empty(max_nnz, dtype=np.uint64)
+    vals = np.empty(max_nnz, dtype=np.float32)
+    bits = vals.view(np.uint32)  # the float32 values' bit patterns
+    ids = np.empty(max_nnz, dtype=np.int64)
+    hist = np.zeros(2048, dtype=np.int64)
+    val_one = np.zeros(1, dtype=np.float32)
+    val_bits = val_one.view(np.uint32)  # reinterpret uint32 -> float32 through a one-element buffer
     for i in range(n_cells):
         pos = offsets[i]
         if cls_id >= 0:
@@ -191,9 +272,10 @@ def _encode(
             out_zero[pos] = 0
             pos += 1
         lo, hi = indptr[i], indptr[i + 1]
+        m = 0
         if rank64:
             start = pos
-            pos = _rank_float64(indices, data, lo, hi, totals[i], target_sum, medians, n_expr[i], out_ids,
+            pos = _rank_float64(indices, data, col_map, lo, hi, totals[i], target_sum, medians, n_expr[i], out_ids,
                                 out_values, pos)
             for p in range(start, pos):
                 out_zero[p] = 0
@@ -204,33 +286,37 @@ def _encode(
             m = 0
             scale = target_sum / totals[i]
             for j in range(lo, hi):
-                if data[j] > 0:
-                    g = indices[j]
-                    val32[0] = np.float32(data[j] * scale / medians[g])
-                    keys[m] = (np.uint64(bits32[0]) << _S32) | (_LOW32 - np.uint64(g))
+                g = col_map[indices[j]]
+                if data[j] > 0 and g >= 0:
+                    vals[m] = np.float32(data[j] * scale / medians[g])
+                    ids[m] = g
                     m += 1
+            for r in range(m):
+                keys[r] = (np.uint64(bits[r]) << _S32) | (_LOW32 - np.uint64(ids[r]))
             k = n_expr[i]
-            top = keys[:m]
-            if k < m:
-                _select_largest(top, k)  # the k largest keys move to the end, in place
-                top = top[m - k:]
-            top = np.sort(top)
+            _top_keys(keys, m, k, hist, top)
             for r in range(k):
-                key = top[k - 1 - r]
+                key = top[r]
                 out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
-                bits32[0] = np.uint32(key >> _S32)
-                out_values[pos] = val32[0]
+                val_bits[0] = np.uint32(key >> _S32)
+                out_values[pos] = val_one[0]
                 out_zero[pos] = 0
                 pos += 1
         # sample zero-expressed candidates without replacement
         z = n_zero[i]
         if z > 0:
+            if rank64:  # gather the detected token ids (the float32 path already has them in ids[:m])
+                m = 0
+                for j in range(lo, hi):
+                    g = col_map[indices[j]]
+                    if data[j] > 0 and g >= 0:
+                        ids[m] = g
+                        m += 1
             n_free = n_cand
-            for j in range(lo, hi):
-                if data[j] > 0:
-                    taken[indices[j]] = True
-                    if candidate_mask[indices[j]]:
-                        n_free -= 1
+            for r in range(m):
+                taken[ids[r]] = True
+                if candidate_mask[ids[r]]:
+                    n_free -= 1
             state = cell_seeds[i]
             if 2 * z <= n_free:
                 # rejection sampling: cheap when most candidates are free
@@ -265,8 +351,8 @@ def _encode(
                     out_zero[pos] = 1
                     pos += 1
             # reset the scratch for the next cell
-            for j in range(lo, hi):
-                taken[indices[j]] = False
+            for r in range(m):
+                taken[ids[r]] = False
             for p in range(pos - z, pos):
                 taken[out_ids[p]] = False
         if eos_id >= 0:
@@ -274,6 +360,17 @@ def _encode(
             out_values[pos] = 0.0
             out_zero[pos] = 0
             pos += 1
+
+
+def _native(array: np.ndarray, allowed: tuple, fallback) -> np.ndarray:
+    """``array`` as a contiguous array of an allowed dtype (no copy when it already is one)."""
+    array = np.asarray(array)
+    dtype = array.dtype if array.dtype in allowed else fallback
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+_INDEX_TYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_DATA_TYPES = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def rank_encode(
@@ -291,12 +388,14 @@ def rank_encode(
     eos_id: int | None = None,
     target_sum: float = 10_000.0,
     rank_dtype: type = np.float32,
+    col_map: np.ndarray | None = None,
 ) -> RankTokens:
     """Encode a CSR chunk of cells as rank tokens.
 
     Args:
         indptr, indices, data: the chunk in CSR form; ``indices`` are vocabulary token ids (genes outside the
-            vocabulary already removed), ``data`` raw counts (entries <= 0 are ignored).
+            vocabulary already removed), ``data`` raw counts (entries <= 0 are ignored). int32 / float32 arrays are
+            used as they are (no copy).
         totals: ``(n_cells,)`` library size of each cell over *all* its genes, in or out of the vocabulary.
         medians: ``(vocab_size,)`` normalisation factor per token id (the gene's non-zero median); must be > 0
             wherever a token id occurs in ``indices``.
@@ -309,13 +408,16 @@ def rank_encode(
         rank_dtype: the precision values are ranked in: ``np.float32`` (default; the precision ``values`` are stored
             in, so the stored values are non-increasing) or ``np.float64`` (Geneformer's own ranking: genes whose
             values differ only beyond float32 precision keep their float64 order).
+        col_map: optional ``(n_columns,)`` map from ``indices`` (e.g. a file's own columns) to token ids, ``-1`` for
+            columns to skip; lets a raw chunk be encoded without first copying it into token ids. Each row must then
+            map to distinct token ids.
 
     Returns:
         :class:`RankTokens` holding ``<cls>``, the ranked detected genes, the sampled zeros and ``<eos>`` per cell.
     """
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-    indices = np.ascontiguousarray(indices, dtype=np.int64)
-    data = np.ascontiguousarray(data, dtype=np.float64)
+    indices = _native(indices, _INDEX_TYPES, np.int64)
+    data = _native(data, _DATA_TYPES, np.float64)
     totals = np.ascontiguousarray(totals, dtype=np.float64)
     medians = np.ascontiguousarray(medians, dtype=np.float64)
     n_cells = len(indptr) - 1
@@ -326,8 +428,16 @@ def rank_encode(
     if n_cells and np.any(totals[np.diff(indptr) > 0] <= 0):
         raise ValueError("every cell with detected genes needs a positive total count")
     vocab_size = len(medians)
-    if len(indices) and (indices.min() < 0 or indices.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{indices.min()}, {indices.max()}]")
+    if col_map is None:
+        if len(indices) and (indices.min() < 0 or indices.max() >= vocab_size):
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{indices.min()}, {indices.max()}]")
+        col_map = np.arange(max(vocab_size, 1), dtype=np.int64)
+    else:
+        col_map = np.ascontiguousarray(col_map, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(col_map)):
+            raise ValueError(f"indices must lie in [0, {len(col_map)}) (the length of col_map)")
+        if len(col_map) and (col_map.min() < -1 or col_map.max() >= vocab_size):
+            raise ValueError(f"col_map values must lie in [-1, {vocab_size})")
     if n_zeros > 0:
         if zero_candidates is None or cell_seeds is None:
             raise ValueError("n_zeros > 0 needs zero_candidates and cell_seeds")
@@ -343,7 +453,7 @@ def rank_encode(
 
     if np.dtype(rank_dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"rank_dtype must be float32 or float64, got {rank_dtype}")
-    n_expr, n_zero = _count_lengths(indptr, indices, data, candidate_mask, len(candidates), top_k, n_zeros)
+    n_expr, n_zero = _count_lengths(indptr, indices, data, col_map, candidate_mask, len(candidates), top_k, n_zeros)
     n_extra = int(cls_id is not None) + int(eos_id is not None)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(n_expr + n_zero + n_extra, out=offsets[1:])
@@ -352,7 +462,7 @@ def rank_encode(
     out_values = np.empty(n_tokens, dtype=np.float32)
     out_zero = np.empty(n_tokens, dtype=np.int8)
     _encode(
-        indptr, indices, data, totals, medians, seeds, candidates, candidate_mask, n_expr, n_zero, offsets,
+        indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, n_expr, n_zero, offsets,
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
         out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64),
     )

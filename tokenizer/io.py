@@ -365,23 +365,29 @@ def duplicated_targets(col_map: np.ndarray) -> np.ndarray:
 
 # --- numba kernels ----------------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _scan(indptr, data, allow_non_integer):
-    """Row sums over all genes, and the position and kind of the first bad value (-1, 0 when all are fine)."""
+def _scan(indptr, indices, data, col_map, allow_non_integer):
+    """Row sums over all genes, the number of detected target genes per row, and the position and kind of the
+    first bad value (-1, 0 when all are fine)."""
     n = indptr.shape[0] - 1
     totals = np.zeros(n, dtype=np.float64)
+    detected = np.zeros(n, dtype=np.int64)
     for i in range(n):
         s = 0.0
+        d = 0
         for j in range(indptr[i], indptr[i + 1]):
             v = np.float64(data[j])
             if not v >= 0.0:  # negative or NaN
-                return totals, j, 2 if v != v else 1
+                return totals, detected, j, 2 if v != v else 1
             if v == np.inf:
-                return totals, j, 2
+                return totals, detected, j, 2
             if not allow_non_integer and v != np.floor(v):
-                return totals, j, 3
+                return totals, detected, j, 3
             s += v
+            if v > 0 and col_map[indices[j]] >= 0:
+                d += 1
         totals[i] = s
-    return totals, -1, 0
+        detected[i] = d
+    return totals, detected, -1, 0
 
 
 # Position of the lowest set bit of a uint64 by de Bruijn multiplication (numba has no count-trailing-zeros).
@@ -446,13 +452,20 @@ def _remap(indptr, indices, data, col_map, n_target, merge, table):
 # --- the chunk pipeline -----------------------------------------------------------------------------------------------
 @dataclass
 class Chunk:
-    """Rows ``[start, start + n_rows)`` of one source, mapped to target ids, with library sizes."""
+    """Rows ``[start, start + n_rows)`` of one source with library sizes.
+
+    Normally ``indices`` are target ids (ascending per row when the plan merges) and ``data`` float64 counts, and
+    ``col_map`` is the identity; with ``remap=False`` they are the file's own columns and values, to be read through
+    ``col_map`` (which saves a copy when the consumer can do the lookup itself).
+    """
 
     start: int
     indptr: np.ndarray  # (n_rows + 1,) int64
-    indices: np.ndarray  # (nnz,) int64 target ids (ascending per row when ``merge`` was asked for)
-    data: np.ndarray  # (nnz,) float64 counts
+    indices: np.ndarray  # (nnz,) target ids, or file columns
+    data: np.ndarray  # (nnz,) counts
     totals: np.ndarray  # (n_rows,) float64 library size; 0 for cells with no counts at all
+    col_map: np.ndarray  # indices -> target ids (-1: not a target)
+    detected: np.ndarray  # (n_rows,) int64 number of target genes with a count
 
     @property
     def n_rows(self) -> int:
@@ -473,6 +486,9 @@ class SourcePlan:
     obs_totals: np.ndarray | None = None  # (n_obs,) library sizes from obs, when a key was given
     allow_non_integer: bool = False
 
+    def __post_init__(self) -> None:
+        self.identity = np.arange(self.n_target, dtype=np.int64)
+
 
 def read_obs_totals(source: CountSource, key: str) -> np.ndarray:
     """``obs[key]`` as float64 library sizes, checked to be finite and non-negative."""
@@ -490,15 +506,19 @@ def read_obs_totals(source: CountSource, key: str) -> np.ndarray:
 
 
 def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, chunk_size: int,
-                labels: np.ndarray | None = None) -> Iterator[Chunk]:
+                labels: np.ndarray | None = None, remap: bool = True) -> Iterator[Chunk]:
     """Read, check and map rows ``[start, stop)`` in chunks of ``chunk_size`` cells.
 
     ``labels`` (gene names per column) make error messages name the gene; they default to the column number.
+    ``remap=False`` leaves the columns unmapped (see :class:`Chunk`); it needs a plan without duplicates to merge.
     """
+    if not remap and plan.merge:
+        raise ValueError("duplicate genes must be merged: iterate with remap=True")
     for a in range(start, stop, chunk_size):
         b = min(a + chunk_size, stop)
         raw = source.read_rows(a, b)
-        totals, bad, kind = _scan(raw.indptr, raw.data, plan.allow_non_integer)
+        totals, detected, bad, kind = _scan(raw.indptr, raw.indices, raw.data, plan.col_map,
+                                            plan.allow_non_integer)
         if bad >= 0:
             _raise_bad_value(source, raw, int(bad), int(kind), labels)
         if plan.obs_totals is not None:
@@ -512,9 +532,12 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
                     "is not the total count of each cell (leave --total_counts_key out to use row sums)"
                 )
             totals = np.where(totals > 0, obs_totals, 0.0)
+        if not remap:
+            yield Chunk(a, raw.indptr, raw.indices, raw.data, totals, plan.col_map, detected)
+            continue
         indptr, indices, data = _remap(raw.indptr, raw.indices, raw.data, plan.col_map, plan.n_target, plan.merge,
                                        _DEBRUIJN_TABLE)
-        yield Chunk(a, indptr, indices, data, totals)
+        yield Chunk(a, indptr, indices, data, totals, plan.identity, np.diff(indptr))
 
 
 def _raise_bad_value(source: CountSource, raw: RawChunk, pos: int, kind: int, labels: np.ndarray | None) -> None:

@@ -178,47 +178,68 @@ _LOG_TABLE = np.log(np.maximum(np.arange(4096, dtype=np.float64), 1.0))  # log o
 
 
 @numba.njit(cache=True)
-def _accumulate(indptr, indices, data, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
-                counts, n_cells, sum_log, proj, proj_base, donor_detected, sign_sum, profile, log_table):
-    """One pass over a chunk: quantile histograms, detection counts, projection sums, donor detection.
+def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
+                counts, n_cells, sum_log, proj, proj_base, donor_detected, sign_sum, profile, log_table, flat, qs):
+    """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``).
 
-    Cells with ``totals <= 0`` are skipped; returns the number of cells used. Per stored entry this costs one
-    logarithm at most (a table lookup for integer counts below 4096) and two scattered increments: the bucket
-    counter and the cell's CountSketch coordinate of the gene's projection.
+    ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). ``proj`` is laid out
+    ``(dim, n_genes)``. ``flat`` and ``qs`` are scratch buffers of at least ``nnz`` entries.
+
+    The work is split into simple passes so that the scattered memory accesses overlap: (1) each entry's histogram
+    bucket and profile value (one logarithm at most: a table lookup for integer counts below 4096), sequentially;
+    (2) the bucket counters, the gene's detection count and sum; (3) the projection, where every cell adds to one
+    row of ``proj`` in ascending gene order (nearly sequential); (4) donor detection.
     """
+    n_rows = indptr.shape[0] - 1
     n_buckets = counts.shape[1]
-    dim = proj.shape[1]
+    dim = proj.shape[0]
+    counts_flat = counts.reshape(-1)
+    if n_buckets >= 1 << 16:
+        raise ValueError("too many sketch buckets")
     used = 0
-    for i in range(indptr.shape[0] - 1):
+    for i in range(n_rows):
+        lo, hi = indptr[i], indptr[i + 1]
         total = totals[i]
         if total <= 0:
+            for j in range(lo, hi):
+                flat[j] = -1
             continue
         used += 1
-        h, negative = _cell_hash(keys[i], proj_base)
-        coord = np.int64(h % np.uint64(dim)) if dim > 0 else 0
-        if dim > 0:
-            sign_sum[coord] += -1 if negative else 1
-        scale = target_sum / total
-        log_scale = math.log(scale)
-        donor = donor_codes[i]
-        for j in range(indptr[i], indptr[i + 1]):
+        log_scale = math.log(target_sum / total)
+        for j in range(lo, hi):
             x = data[j]
-            if x <= 0:
+            g = col_map[indices[j]]
+            if x <= 0 or g < 0:
+                flat[j] = -1
                 continue
-            g = indices[j]
             xi = np.int64(x)
             log_x = log_table[xi] if xi < log_table.shape[0] and xi == x else math.log(x)
             b = np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset
-            if b < 0:
-                b = 0
-            elif b >= n_buckets:
-                b = n_buckets - 1
-            counts[g, b] += 1
+            b = min(max(b, 0), n_buckets - 1)
+            flat[j] = (g << 16) | b  # gene and bucket in one word (n_buckets < 2^16)
+            qs[j] = profile[b]
+    nnz = indptr[n_rows]
+    for j in range(nnz):
+        f = flat[j]
+        if f >= 0:
+            g = f >> 16
+            counts_flat[g * n_buckets + (f & 0xFFFF)] += 1
             n_cells[g] += 1
-            q = profile[b]
-            sum_log[g] += q
-            if dim > 0:
-                proj[g, coord] += -q if negative else q
-            if donor >= 0:
-                donor_detected[donor, g] = True
+            sum_log[g] += qs[j]
+    for i in range(n_rows):
+        if totals[i] <= 0:
+            continue
+        if dim > 0:
+            h, negative = _cell_hash(keys[i], proj_base)
+            row = proj[np.int64(h % np.uint64(dim))]
+            sign_sum[np.int64(h % np.uint64(dim))] += -1 if negative else 1
+            for j in range(indptr[i], indptr[i + 1]):
+                f = flat[j]
+                if f >= 0:
+                    row[f >> 16] += -qs[j] if negative else qs[j]
+        donor = donor_codes[i]
+        if donor >= 0:
+            for j in range(indptr[i], indptr[i + 1]):
+                if flat[j] >= 0:
+                    donor_detected[donor, flat[j] >> 16] = True
     return used

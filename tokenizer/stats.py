@@ -61,8 +61,8 @@ class FitState:
     n_cells: np.ndarray  # (n,) int64 cells detecting the gene
     n_measured: np.ndarray  # (n,) int64 cells in files whose matrix has the gene
     sum_log: np.ndarray  # (n,) int64 sum of log1p(v) over detecting cells, fixed point
-    proj: np.ndarray  # (n, dim) int64 projection sums, fixed point
-    proj_sum: np.ndarray  # (n, dim) int64 sum of the cells' signs per coordinate over measuring cells
+    proj: np.ndarray  # (dim, n) int64 projection sums, fixed point (one row per coordinate: cache-friendly updates)
+    proj_sum: np.ndarray  # (dim, n) int64 sum of the cells' signs per coordinate over measuring cells
     donors: np.ndarray  # (n_donors,) str
     donor_detected: np.ndarray  # (n_donors, n) bool
     donor_measured: np.ndarray  # (n_donors, n) bool
@@ -80,8 +80,8 @@ class FitState:
             n_cells=np.zeros(n, dtype=np.int64),
             n_measured=np.zeros(n, dtype=np.int64),
             sum_log=np.zeros(n, dtype=np.int64),
-            proj=np.zeros((n, dim), dtype=np.int64),
-            proj_sum=np.zeros((n, dim), dtype=np.int64),
+            proj=np.zeros((dim, n), dtype=np.int64),
+            proj_sum=np.zeros((dim, n), dtype=np.int64),
             donors=np.zeros(0, dtype=str),
             donor_detected=np.zeros((0, n), dtype=bool),
             donor_measured=np.zeros((0, n), dtype=bool),
@@ -203,8 +203,10 @@ def _copy_reindexed(state: FitState, genes: np.ndarray) -> FitState:
     new.gene_symbols = symbols.astype(str)
     new.sketch.counts = np.zeros((len(genes), state.sketch.n_buckets), dtype=state.sketch.counts.dtype)
     new.sketch.counts[pos] = state.sketch.counts
-    for name in ("n_cells", "n_measured", "sum_log", "proj", "proj_sum"):
+    for name in ("n_cells", "n_measured", "sum_log"):
         getattr(new, name)[pos] = getattr(state, name)
+    new.proj[:, pos] = state.proj
+    new.proj_sum[:, pos] = state.proj_sum
     new.donors = state.donors.copy()
     new.donor_detected = np.zeros((len(state.donors), len(genes)), dtype=bool)
     new.donor_detected[:, pos] = state.donor_detected
@@ -258,8 +260,10 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
     state = FitState.empty(job.gene_ids, cfg)
     target = pd.Index(job.gene_ids)
     proj_base = _projection_base(int(cfg["seed"]))
-    sign_sum = np.zeros(state.proj.shape[1], dtype=np.int64)
+    sign_sum = np.zeros(state.proj.shape[0], dtype=np.int64)
     profile = profile_table(state.sketch)
+    flat = np.empty(0, dtype=np.int64)  # scratch buffers of the kernel, grown as needed
+    qs = np.empty(0, dtype=np.int64)
     opened: dict[int, tuple] = {}
     per_input: dict[int, dict] = {}
     try:
@@ -283,18 +287,21 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
                 opened[index] = (source, plan, genes.labels, measured, codes, file_key(source.name))
             source, plan, labels, measured, codes, key = opened[index]
             summary = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
-            for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels):
+            for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
                 sign_sum[:] = 0
+                if len(chunk.data) > len(flat):
+                    flat = np.empty(int(len(chunk.data) * 1.25), dtype=np.int64)
+                    qs = np.empty(len(flat), dtype=np.int64)
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
                 used = _accumulate(
-                    chunk.indptr, chunk.indices, chunk.data, chunk.totals, cell_keys(key, chunk.rows), chunk_codes,
-                    float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset, state.sketch.counts,
-                    state.n_cells, state.sum_log, state.proj, proj_base, state.donor_detected, sign_sum, profile,
-                    _LOG_TABLE,
+                    chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
+                    chunk_codes, float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset,
+                    state.sketch.counts, state.n_cells, state.sum_log, state.proj, proj_base, state.donor_detected,
+                    sign_sum, profile, _LOG_TABLE, flat, qs,
                 )
                 if used:
                     state.n_measured[measured] += used
-                    state.proj_sum[measured] += sign_sum
+                    state.proj_sum[:, measured] += sign_sum[:, None]
                     present = np.unique(chunk_codes[(chunk.totals > 0) & (chunk_codes >= 0)])
                     if len(present):
                         state.donor_measured[np.ix_(present, measured)] = True
@@ -536,9 +543,9 @@ def finalize_statistics(
 
 def profile_vectors(state: FitState) -> np.ndarray:
     """Unit-length, centred projection sketches of each gene's log-normalised profile (``(n, dim)`` float64)."""
-    proj = state.proj.astype(np.float64) / FIXED_POINT
+    proj = state.proj.T.astype(np.float64) / FIXED_POINT
     mean = state.sum_log.astype(np.float64) / FIXED_POINT / np.maximum(state.n_measured, 1)
-    centred = proj - mean[:, None] * state.proj_sum
+    centred = proj - mean[:, None] * state.proj_sum.T
     norm = np.linalg.norm(centred, axis=1, keepdims=True)
     return np.divide(centred, norm, out=np.zeros_like(centred), where=norm > 0)
 

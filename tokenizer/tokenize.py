@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -141,24 +142,29 @@ def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), pa.array(values))
 
 
+@numba.njit(cache=True)
+def _group_layout(input_ids, offsets, table):
+    """Values and inner offsets of ``group_ids``: per cell, one run per level, each as long as the cell."""
+    n_cells, n_levels = offsets.shape[0] - 1, table.shape[1]
+    values = np.empty(input_ids.shape[0] * n_levels, dtype=np.int32)
+    inner = np.empty(n_cells * n_levels + 1, dtype=np.int32)
+    pos = 0
+    for i in range(n_cells):
+        for level in range(n_levels):
+            inner[i * n_levels + level] = pos
+            for p in range(offsets[i], offsets[i + 1]):
+                values[pos] = table[input_ids[p], level]
+                pos += 1
+    inner[n_cells * n_levels] = pos
+    return values, inner
+
+
 def _nested_groups(input_ids: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> pa.Array:
     """``group_ids`` as one list per hierarchy level per cell, each aligned with the cell's ``input_ids``."""
     n_cells, n_levels = len(offsets) - 1, table.shape[1]
-    outer = np.arange(0, n_cells * n_levels + 1, n_levels, dtype=np.int32) if n_levels else np.zeros(n_cells + 1,
-                                                                                                      np.int32)
-    if n_levels == 0:
-        return pa.ListArray.from_arrays(pa.array(outer), pa.array([], type=pa.list_(pa.int32())))
-    lengths = np.diff(offsets)
-    groups = table[input_ids]  # (n_tokens, n_levels)
-    # cell-major, then level, then token: token p of cell i at level l goes to L * o_i + l * n_i + p
-    cell = np.repeat(np.arange(n_cells), lengths)
-    within = np.arange(len(input_ids)) - offsets[:-1][cell]
-    base = n_levels * offsets[:-1][cell] + within
-    values = np.empty(len(input_ids) * n_levels, dtype=np.int32)
-    for level in range(n_levels):
-        values[base + level * lengths[cell]] = groups[:, level]
-    inner = (n_levels * offsets[:-1])[:, None] + np.arange(n_levels)[None, :] * lengths[:, None]
-    inner = np.append(inner.ravel(), len(values)).astype(np.int32)
+    outer = np.arange(0, n_cells * n_levels + 1, max(n_levels, 1), dtype=np.int32) if n_levels else \
+        np.zeros(n_cells + 1, dtype=np.int32)
+    values, inner = _group_layout(input_ids, offsets, table)
     return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(values)))
 
 
@@ -171,7 +177,7 @@ class _Context:
     plan: SourcePlan
     candidates: np.ndarray
     key: int
-    obs_names: np.ndarray
+    obs_names: pa.Array
     obs: dict[str, pa.Array]
 
 
@@ -181,12 +187,13 @@ def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType]
     plan = SourcePlan(info.col_map, info.merge, len(spec.medians), totals, cfg["allow_non_integer"])
     candidates = np.unique(info.col_map[info.col_map >= 0])
     obs = {k: _obs_to_arrow(source.require_obs(k).reset_index(drop=True), t) for k, t in obs_types.items()}
-    return _Context(info, source, plan, candidates, file_key(source.name), source.obs_names(), obs)
+    obs_names = pa.array(source.obs_names(), type=pa.string())
+    return _Context(info, source, plan, candidates, file_key(source.name), obs_names, obs)
 
 
 def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Schema, counters: dict
                   ) -> pa.RecordBatch | None:
-    detected = np.diff(chunk.indptr)
+    detected = chunk.detected
     no_counts = chunk.totals <= 0
     no_genes = ~no_counts & (detected == 0)
     keep = ~(no_counts | no_genes)
@@ -197,16 +204,18 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
         return None
     indptr, indices, data, totals = chunk.indptr, chunk.indices, chunk.data, chunk.totals
     if not keep.all():
-        entry_keep = np.repeat(keep, detected)
+        stored = np.diff(indptr)
+        entry_keep = np.repeat(keep, stored)
         indices, data = indices[entry_keep], data[entry_keep]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(detected[keep], out=indptr[1:])
+        np.cumsum(stored[keep], out=indptr[1:])
         totals = totals[keep]
     seeds = mix_seeds(spec.seed, cell_keys(ctx.key, rows)) if spec.n_zeros > 0 else None
     tokens = rank_encode(
         indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
         zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
         cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
+        col_map=chunk.col_map,
     )
     lengths = tokens.lengths
     counters["written"] += len(rows)
@@ -221,13 +230,13 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
         columns["group_ids"] = _nested_groups(tokens.input_ids, tokens.offsets, spec.group_ids)
     columns["length"] = pa.array(lengths)
     columns["total_counts"] = pa.array(totals)
-    columns["cell_id"] = pa.array(ctx.obs_names[rows], type=pa.string())
+    columns["cell_id"] = ctx.obs_names.take(pa.array(rows))
     columns["source"] = pa.repeat(pa.scalar(ctx.info.stem, pa.string()), len(rows))
     if ctx.obs:
         take = pa.array(rows)
         for key, values in ctx.obs.items():
             columns[key] = values.take(take)
-    if spec.keep_counts:
+    if spec.keep_counts:  # the plan merged this chunk: token ids, ascending per row
         columns["counts_ids"] = _list(indptr, indices.astype(np.int32))
         columns["counts"] = _list(indptr, data.astype(np.int32))
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
@@ -251,7 +260,8 @@ def _new_counters() -> dict:
 def iter_record_batches(ctx: _Context, start: int, stop: int, spec: EncodeSpec, schema: pa.Schema,
                         chunk_size: int, counters: dict, report: Callable[[int], None] | None = None
                         ) -> Iterator[pa.RecordBatch]:
-    for chunk in iter_chunks(ctx.source, ctx.plan, start, stop, chunk_size, ctx.info.labels):
+    # without duplicate genes to sum or counts to keep, the encoder reads the file's columns through col_map
+    for chunk in iter_chunks(ctx.source, ctx.plan, start, stop, chunk_size, ctx.info.labels, remap=ctx.plan.merge):
         batch = _encode_chunk(ctx, chunk, spec, schema, counters)
         if report is not None:
             report(chunk.n_rows)
