@@ -78,8 +78,8 @@ class FinetuneArgs:
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
     num_hidden_layers: int = field(default=4, metadata={"help": "transformer depth when --model none"})
     num_attention_heads: int = field(default=4, metadata={"help": "attention heads when --model none"})
-    top_k: int = field(default=256, metadata={"help": "genes per cell when --model none tokenizes"})
-    n_zeros: int = field(default=50, metadata={"help": "sampled zero genes per cell when --model none"})
+    top_k: int = field(default=256, metadata={"help": "genes per cell when tokenizing (match the pretraining)"})
+    n_zeros: int = field(default=50, metadata={"help": "sampled zero genes per cell (match the pretraining)"})
     # optimisation
     epochs: int = field(default=20, metadata={"help": "passes over the training cells"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
@@ -179,7 +179,7 @@ def main(args: FinetuneArgs) -> dict:
         hierarchy_key=args.hierarchy_key, prior=args.prior, protein_head=args.protein_head,
         protein_norm=args.protein_norm, freeze_layers=args.freeze_layers, head=head,
         transformer=transformer if args.model == "none" else None,
-        tokenize={"top_k": args.top_k, "n_zeros": args.n_zeros} if args.model == "none" else None,
+        tokenize={"top_k": args.top_k, "n_zeros": args.n_zeros},
     )
     settings = TrainSettings(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
