@@ -216,35 +216,40 @@ def predict(
     model.eval()
     device = next(model.parameters()).device
     loader = _loader(table, batch_size, token_collator, shuffle=False, seed=seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, list[np.ndarray]] = {}
 
     def add(name: str, value: torch.Tensor) -> None:
         out.setdefault(name, []).append(value.detach().float().cpu().numpy())
 
     settings = model.settings
-    for batch in tqdm(loader, desc="predicting", leave=False, disable=None if len(loader) >= 10 else True):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        kwargs = model_kwargs(model, batch, train=False)
-        inputs = {k: kwargs[k] for k in ENCODER_KEYS if k in kwargs}
-        if isinstance(model, ExpressForVAE):
-            loc, log_probs = model.latent(**inputs)
-            add("embedding", loc)
-            if log_probs is not None:
-                add("probabilities", log_probs.exp())
-            if model.vae.protein_decoder is not None:
-                samples = model.sample_proteins(batch.get("batch_index"), protein_samples, generator, **inputs)
-                normalised = normalize_proteins(samples.cpu().numpy(), settings.protein_norm,
-                                                settings.protein_reference or None)
-                add("proteins", torch.from_numpy(normalised.mean(0)))
-            if mll_samples and "counts" in batch:
-                torch.manual_seed(seed)
-                add("marginal_log_likelihood", model.marginal_log_likelihood(
-                    batch["counts"], batch["library"], batch.get("batch_index"), mll_samples, **inputs))
-        else:
-            add("embedding", model.embed(**inputs))
-            if isinstance(model, ExpressForCellTypes):
-                add("probabilities", torch.softmax(model(**inputs).logits.float(), -1))
-            else:
-                add("proteins", model(**inputs).predictions)
+    # sampling (posterior-predictive proteins, importance samples) from a private seeded stream: reproducible
+    # predictions that leave the caller's random state alone
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in tqdm(loader, desc="predicting", leave=False, disable=None if len(loader) >= 10 else True):
+            _predict_batch(model, batch, device, settings, add, protein_samples, mll_samples)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _predict_batch(model, batch, device, settings, add, protein_samples: int, mll_samples: int) -> None:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in model_kwargs(model, batch, train=False).items() if k in ENCODER_KEYS}
+    if isinstance(model, ExpressForVAE):
+        loc, log_probs = model.latent(**inputs)
+        add("embedding", loc)
+        if log_probs is not None:
+            add("probabilities", log_probs.exp())
+        if model.vae.protein_decoder is not None:
+            samples = model.sample_proteins(batch.get("batch_index"), protein_samples, **inputs)
+            normalised = normalize_proteins(samples.cpu().numpy(), settings.protein_norm,
+                                            settings.protein_reference or None)
+            add("proteins", torch.from_numpy(normalised.mean(0)))
+        if mll_samples and "counts" in batch:
+            add("marginal_log_likelihood", model.marginal_log_likelihood(
+                batch["counts"], batch["library"], batch.get("batch_index"), mll_samples, **inputs))
+    else:
+        add("embedding", model.embed(**inputs))
+        if isinstance(model, ExpressForCellTypes):
+            add("probabilities", torch.softmax(model(**inputs).logits.float(), -1))
+        else:
+            add("proteins", model(**inputs).predictions)

@@ -679,21 +679,17 @@ class ExpressForVAE(ExpressFinetunePreTrainedModel):
         return loc, self.vae.prior.classify(loc) if self.vae.is_mixture else None
 
     @torch.no_grad()
-    def sample_proteins(
-        self, batch_index: torch.Tensor | None = None, n_samples: int = 64, generator: torch.Generator | None = None,
-        **inputs,
-    ) -> torch.Tensor:
-        """Posterior-predictive protein counts (S, B, P): ``z ~ q(z|x)``, then ``NB(mu(z), theta)``."""
+    def sample_proteins(self, batch_index: torch.Tensor | None = None, n_samples: int = 64, **inputs) -> torch.Tensor:
+        """Posterior-predictive protein counts (S, B, P): ``z ~ q(z|x)``, then ``NB(mu(z), theta)`` drawn as a
+        Gamma-Poisson mixture. Uses the global random stream (seed it, or fork it, for reproducible draws)."""
         if self.vae.protein_decoder is None:
             raise ValueError("this VAE has no protein decoder (fine-tune with --task adt --protein_head nb)")
         loc, scale_tril = self.vae.posterior(self.embed(**inputs))
-        eps = torch.randn(n_samples, *loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
-        z = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        z = self.vae.posterior.rsample(loc, scale_tril, n_samples)  # (S, B, D)
         params = self.vae.protein_decoder(z, batch_index if self.vae.decoder.n_batch else None)
         mu, theta = params["mu"].double(), params["theta"].double()
-        # NB as a Gamma-Poisson mixture: rate ~ Gamma(theta, theta / mu), x ~ Poisson(rate)
-        rate = torch._standard_gamma(theta.expand_as(mu).contiguous()) * (mu / theta)
-        return torch.poisson(rate, generator=generator).float()
+        rate = torch.distributions.Gamma(theta, theta / mu.clamp_min(1e-10)).sample()
+        return torch.poisson(rate).float()
 
     @torch.no_grad()
     def marginal_log_likelihood(
