@@ -10,7 +10,8 @@ and cached. Every stage then runs in its own fresh process, one after the other 
 - ``tokenize+counts`` (with ``--keep_counts``): the same, also storing every cell's counts.
 
 cells/s is measured inside each process from just before the API call to its return (interpreter start-up and
-imports excluded; worker start-up included); ``wall_s`` is the whole process. Peak RSS is the largest sum of resident
+imports excluded; worker start-up included); ``wall_s`` is the whole process; ``cpu_s`` the CPU time of the process
+and its workers (useful on a shared machine, where wall-clock times depend on the other load). Peak RSS is the largest sum of resident
 memory over the process and all its children, sampled every 50 ms (shared pages of forked workers are counted once
 per process, so this overstates real memory use). Targets (issue 2): fit and tokenize >= 0.5x the floor's cells/s
 with 2 workers; peak RSS at the large size <= 1.2x the small one.
@@ -47,11 +48,14 @@ STAGE_CODE = {
                        "'--obs_keys', 'cell_type,donor', '--keep_counts', '--overwrite', '--quiet']) == 0",
 }
 WRAPPER = """
-import json, time
+import json, resource, time
 import tokenizer.cli, tokenizer.io  # imports are not part of the measurement
-start = time.perf_counter()
+def cpu():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+start, cpu_start = time.perf_counter(), cpu()
 {code}
-print(json.dumps({{"seconds": time.perf_counter() - start}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "cpu_s": cpu() - cpu_start}}))
 """
 
 
@@ -82,7 +86,7 @@ def run_stage(code: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"stage failed ({proc.returncode}):\n{err[-3000:]}")
     inner = json.loads(out.strip().splitlines()[-1])
-    return {"seconds": inner["seconds"], "wall_s": wall, "peak_rss_mib": peak / 2**20}
+    return {"seconds": inner["seconds"], "cpu_s": inner["cpu_s"], "wall_s": wall, "peak_rss_mib": peak / 2**20}
 
 
 def ensure_corpus(data_dir: Path, n_cells: int, n_genes: int, seed: int) -> Path:
@@ -128,19 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                    "cells_per_s": n_cells / result["seconds"]}
             rows.append(row)
             print(f"{n_cells:>8,} {stage:<16} {result['seconds']:8.2f} s {row['cells_per_s']:>10,.0f} cells/s "
-                  f"peak RSS {result['peak_rss_mib']:8.0f} MiB", flush=True)
+                  f"cpu {result['cpu_s']:7.2f} s  peak RSS {result['peak_rss_mib']:8.0f} MiB  "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
         shutil.rmtree(work / "tokens", ignore_errors=True)
     for row in rows:
         floor = next(r for r in rows if r["cells"] == row["cells"] and r["stage"] == "read")["cells_per_s"] \
             if "read" in stages else float("nan")
         row["ratio_to_read"] = row["cells_per_s"] / floor
     print()
-    header = f"| cells | stage | workers | seconds | cells/s | x read floor | peak RSS (MiB) |"
+    header = "| cells | stage | workers | seconds | cells/s | x read floor | CPU s | peak RSS (MiB) |"
     print(header)
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['cells']:,} | {r['stage']} | {r['workers']} | {r['seconds']:.2f} | {r['cells_per_s']:,.0f} | "
-              f"{r['ratio_to_read']:.2f} | {r['peak_rss_mib']:,.0f} |")
+              f"{r['ratio_to_read']:.2f} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,.0f} |")
     if len(sizes) > 1:
         small, large = min(sizes), max(sizes)
         print()

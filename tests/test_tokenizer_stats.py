@@ -118,7 +118,7 @@ def test_fit_statistics_match_exact_values(tmp_path, corpus):
     loaded = GeneVocab.load(tmp_path / "stats")
     pd.testing.assert_frame_equal(loaded.to_frame(), vocab.to_frame())
     with np.load(tmp_path / "stats" / "sketch.npz", allow_pickle=False) as z:
-        assert "hist_count" in z.files and z["gene_ids"].dtype.kind == "U"
+        assert "hist_values" in z.files and z["gene_ids"].dtype.kind == "U"
     vocab_json = json.loads((tmp_path / "stats" / "vocab.json").read_text())
     assert vocab_json["<pad>"] == 0 and vocab_json[vocab.gene_ids[0]] == 4
 

@@ -144,23 +144,18 @@ def _sort_descending(a, lo, hi):
 
 
 @numba.njit(cache=True)
-def _top_keys(keys, m, k, hist, out):
+def _top_keys(keys, m, k, hist, low, high, out):
     """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``.
 
-    A radix pass on the top 11 bits of each key (for positive float32 values: the exponent and two mantissa bits)
-    counts the keys per bucket; the buckets above the one holding the k-th largest key are taken whole and
-    scattered into place bucket by bucket (each short run then sorted), and only the boundary bucket needs a
-    selection. ``hist`` (2048 zeros) is scratch and is left zeroed.
+    ``hist[low:high + 1]`` holds the number of keys per bucket of their top 11 bits (for positive float32 values:
+    the exponent and two mantissa bits). The buckets above the one holding the k-th largest key are taken whole and
+    scattered into place bucket by bucket (each short run then sorted); only the boundary bucket needs a selection.
+    ``hist`` is left zeroed.
     """
-    k = min(k, m)
     if k <= 0:
+        for b in range(low, high + 1):
+            hist[b] = 0
         return
-    low, high = hist.shape[0], -1
-    for r in range(m):
-        b = np.int64(keys[r] >> _S53)
-        hist[b] += 1
-        low = min(low, b)
-        high = max(high, b)
     seen = 0
     cut = high
     while seen + hist[cut] < k:
@@ -197,126 +192,113 @@ def _top_keys(keys, m, k, hist, out):
 
 
 @numba.njit(cache=True)
-def _count_lengths(indptr, indices, data, col_map, candidate_mask, n_candidates, top_k, n_zeros):
-    n_cells = indptr.shape[0] - 1
-    n_expr = np.zeros(n_cells, dtype=np.int64)
-    n_zero = np.zeros(n_cells, dtype=np.int64)
-    for i in range(n_cells):
-        detected = 0
-        detected_candidates = 0
-        for j in range(indptr[i], indptr[i + 1]):
-            g = col_map[indices[j]]
-            if data[j] > 0 and g >= 0:
-                detected += 1
-                if candidate_mask[g]:
-                    detected_candidates += 1
-        n_expr[i] = min(detected, top_k)
-        n_zero[i] = min(n_zeros, n_candidates - detected_candidates)
-    return n_expr, n_zero
+def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, top_k, ids, out_ids, out_values, pos):
+    """Rank one cell's detected genes by their float64 value (ties: smaller token id) and write the top ``top_k``.
 
-
-@numba.njit(cache=True)
-def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, k, out_ids, out_values, pos):
-    """Write the top ``k`` detected genes of one cell ranked by their float64 value (ties: smaller token id)."""
-    m = 0
-    for j in range(lo, hi):
-        if data[j] > 0 and col_map[indices[j]] >= 0:
-            m += 1
-    ids = np.empty(m, dtype=np.int64)
-    vals = np.empty(m, dtype=np.float64)
+    Leaves the detected token ids in ``ids``; returns ``(new pos, number detected)``."""
     m = 0
     for j in range(lo, hi):
         g = col_map[indices[j]]
         if data[j] > 0 and g >= 0:
             ids[m] = g
+            m += 1
+    vals = np.empty(m, dtype=np.float64)
+    m = 0
+    for j in range(lo, hi):
+        g = col_map[indices[j]]
+        if data[j] > 0 and g >= 0:
             vals[m] = data[j] / total * target_sum / medians[g]  # Geneformer's order of operations
             m += 1
-    by_id = np.argsort(ids)
+    by_id = np.argsort(ids[:m])
     neg = np.empty(m, dtype=np.float64)
     for r in range(m):
         neg[r] = -vals[by_id[r]]
     order = np.argsort(neg, kind="mergesort")  # stable: equal values keep ascending token ids
-    for r in range(k):
+    for r in range(min(top_k, m)):
         e = by_id[order[r]]
         out_ids[pos] = ids[e]
         out_values[pos] = np.float32(vals[e])
         pos += 1
-    return pos
+    return pos, m
 
 
 @numba.njit(cache=True)
 def _encode(
     indptr, indices, data, col_map, totals, medians, cell_seeds, candidates, candidate_mask,
-    n_expr, n_zero, offsets, cls_id, eos_id, target_sum, out_ids, out_values, out_zero, rank64,
+    top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64,
 ):
+    """Encode every cell into the flat outputs (cell ``i`` ends up in ``[offsets[i], offsets[i + 1])``).
+
+    Per cell, one pass over its stored entries builds a uint64 key per detected gene (the float32 bits of ``v``,
+    monotonic for ``v > 0``, in the high word; the complemented token id in the low word, so "key descending" means
+    "v descending, then token id ascending"), counts the keys per radix bucket and counts the detected zero-sampling
+    candidates; :func:`_top_keys` then picks and sorts the winners.
+    """
     n_cells = indptr.shape[0] - 1
     vocab_size = candidate_mask.shape[0]
-    taken = np.zeros(vocab_size, dtype=np.bool_)  # scratch: genes detected or already sampled in this cell
+    # taken[g] == stamp: gene g is detected in (or already sampled for) the current cell. Stamps change from cell to
+    # cell, so the scratch needs no clearing between cells.
+    taken = np.zeros(vocab_size, dtype=np.int64)
     n_cand = candidates.shape[0]
     max_nnz = 0
     for i in range(n_cells):
         max_nnz = max(max_nnz, indptr[i + 1] - indptr[i])
     keys = np.empty(max_nnz, dtype=np.uint64)
     top = np.empty(max_nnz, dtype=np.uint64)
-    vals = np.empty(max_nnz, dtype=np.float32)
-    bits = vals.view(np.uint32)  # the float32 values' bit patterns
     ids = np.empty(max_nnz, dtype=np.int64)
     hist = np.zeros(2048, dtype=np.int64)
-    val_one = np.zeros(1, dtype=np.float32)
-    val_bits = val_one.view(np.uint32)  # reinterpret uint32 -> float32 through a one-element buffer
+    one = np.zeros(1, dtype=np.float32)
+    one_bits = one.view(np.uint32)  # reinterpret float32 <-> uint32 through a one-element buffer
+    pos = 0
     for i in range(n_cells):
-        pos = offsets[i]
+        offsets[i] = pos
         if cls_id >= 0:
             out_ids[pos] = cls_id
             out_values[pos] = 0.0
             out_zero[pos] = 0
             pos += 1
         lo, hi = indptr[i], indptr[i + 1]
-        m = 0
+        start = pos
+        stamp = i + 1
+        n_free = n_cand
         if rank64:
-            start = pos
-            pos = _rank_float64(indices, data, col_map, lo, hi, totals[i], target_sum, medians, n_expr[i], out_ids,
-                                out_values, pos)
-            for p in range(start, pos):
-                out_zero[p] = 0
+            pos, m = _rank_float64(indices, data, col_map, lo, hi, totals[i], target_sum, medians, top_k, ids,
+                                   out_ids, out_values, pos)
+            for r in range(m):
+                taken[ids[r]] = stamp
+                if candidate_mask[ids[r]]:
+                    n_free -= 1
         else:
-            # One uint64 key per detected gene: the float32 bits of v (monotonic for v > 0) in the high word and
-            # the complemented token id in the low word, so "key descending" means "v descending, then token id
-            # ascending".
             m = 0
-            scale = target_sum / totals[i]
+            low, high = 2048, -1
+            scale = target_sum / totals[i] if hi > lo else 0.0
             for j in range(lo, hi):
                 g = col_map[indices[j]]
                 if data[j] > 0 and g >= 0:
-                    vals[m] = np.float32(data[j] * scale / medians[g])
-                    ids[m] = g
+                    one[0] = np.float32(data[j] * scale / medians[g])
+                    key = (np.uint64(one_bits[0]) << _S32) | (_LOW32 - np.uint64(g))
+                    keys[m] = key
+                    b = np.int64(key >> _S53)
+                    hist[b] += 1
+                    low = min(low, b)
+                    high = max(high, b)
                     m += 1
-            for r in range(m):
-                keys[r] = (np.uint64(bits[r]) << _S32) | (_LOW32 - np.uint64(ids[r]))
-            k = n_expr[i]
-            _top_keys(keys, m, k, hist, top)
+                    taken[g] = stamp
+                    if candidate_mask[g]:
+                        n_free -= 1
+            k = min(top_k, m)
+            _top_keys(keys, m, k, hist, low, high, top)
             for r in range(k):
                 key = top[r]
                 out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
-                val_bits[0] = np.uint32(key >> _S32)
-                out_values[pos] = val_one[0]
-                out_zero[pos] = 0
+                one_bits[0] = np.uint32(key >> _S32)
+                out_values[pos] = one[0]
                 pos += 1
+        for p in range(start, pos):
+            out_zero[p] = 0
         # sample zero-expressed candidates without replacement
-        z = n_zero[i]
-        if z > 0:
-            if rank64:  # gather the detected token ids (the float32 path already has them in ids[:m])
-                m = 0
-                for j in range(lo, hi):
-                    g = col_map[indices[j]]
-                    if data[j] > 0 and g >= 0:
-                        ids[m] = g
-                        m += 1
-            n_free = n_cand
-            for r in range(m):
-                taken[ids[r]] = True
-                if candidate_mask[ids[r]]:
-                    n_free -= 1
+        if n_zeros > 0:
+            z = min(n_zeros, n_free)
             state = cell_seeds[i]
             if 2 * z <= n_free:
                 # rejection sampling: cheap when most candidates are free
@@ -324,8 +306,8 @@ def _encode(
                 while got < z:
                     state, u = _splitmix64(state)
                     c = candidates[np.int64((u >> _S11) * _DOUBLE_UNIT * n_cand)]
-                    if not taken[c]:
-                        taken[c] = True
+                    if taken[c] != stamp:
+                        taken[c] = stamp
                         out_ids[pos] = c
                         out_values[pos] = 0.0
                         out_zero[pos] = 1
@@ -336,7 +318,7 @@ def _encode(
                 free = np.empty(n_free, dtype=np.int64)
                 f = 0
                 for r in range(n_cand):
-                    if not taken[candidates[r]]:
+                    if taken[candidates[r]] != stamp:
                         free[f] = candidates[r]
                         f += 1
                 for r in range(z):
@@ -345,21 +327,16 @@ def _encode(
                     tmp = free[r]
                     free[r] = free[s]
                     free[s] = tmp
-                    taken[free[r]] = True
                     out_ids[pos] = free[r]
                     out_values[pos] = 0.0
                     out_zero[pos] = 1
                     pos += 1
-            # reset the scratch for the next cell
-            for r in range(m):
-                taken[ids[r]] = False
-            for p in range(pos - z, pos):
-                taken[out_ids[p]] = False
         if eos_id >= 0:
             out_ids[pos] = eos_id
             out_values[pos] = 0.0
             out_zero[pos] = 0
             pos += 1
+    offsets[n_cells] = pos
 
 
 def _native(array: np.ndarray, allowed: tuple, fallback) -> np.ndarray:
@@ -453,19 +430,20 @@ def rank_encode(
 
     if np.dtype(rank_dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"rank_dtype must be float32 or float64, got {rank_dtype}")
-    n_expr, n_zero = _count_lengths(indptr, indices, data, col_map, candidate_mask, len(candidates), top_k, n_zeros)
+    # outputs sized for the longest possible encoding, then trimmed: no separate pass to count the lengths
     n_extra = int(cls_id is not None) + int(eos_id is not None)
+    bound = int(np.minimum(np.diff(indptr), top_k).sum()) + n_cells * (min(n_zeros, len(candidates)) + n_extra)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(n_expr + n_zero + n_extra, out=offsets[1:])
-    n_tokens = int(offsets[-1])
-    out_ids = np.empty(n_tokens, dtype=np.int32)
-    out_values = np.empty(n_tokens, dtype=np.float32)
-    out_zero = np.empty(n_tokens, dtype=np.int8)
+    out_ids = np.empty(bound, dtype=np.int32)
+    out_values = np.empty(bound, dtype=np.float32)
+    out_zero = np.empty(bound, dtype=np.int8)
     _encode(
-        indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, n_expr, n_zero, offsets,
+        indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, int(top_k), int(n_zeros),
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
-        out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64),
+        offsets, out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64),
     )
+    n_tokens = int(offsets[-1])
+    out_ids, out_values, out_zero = out_ids[:n_tokens], out_values[:n_tokens], out_zero[:n_tokens]
     return RankTokens(out_ids, out_values, out_zero, offsets)
 
 

@@ -54,9 +54,16 @@ def _call(fn, task):
 
 
 def run_tasks(fn: Callable[[Any, Callable[[int], None]], Any], tasks: Sequence, *, num_workers: int = 1,
-              total: int | None = None, desc: str = "", progress: bool = True) -> list:
-    """Run ``fn(task, report)`` for every task; return the results in task order."""
+              total: int | None = None, desc: str = "", progress: bool = True,
+              warmup: Callable[[], None] | None = None) -> list:
+    """Run ``fn(task, report)`` for every task; return the results in task order.
+
+    ``warmup`` runs in this process before forking workers (e.g. a tiny task), so that compiled kernels are loaded
+    once and inherited instead of loaded by every worker.
+    """
     method = start_method()
+    if warmup is not None and num_workers > 1 and len(tasks) > 1 and method == "fork":
+        warmup()
     bar = _Bar(total=total, desc=desc, unit="cells", disable=not progress, unit_scale=True, dynamic_ncols=True)
     try:
         if num_workers <= 1 or len(tasks) <= 1:

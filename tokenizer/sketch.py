@@ -60,6 +60,9 @@ class QuantileSketch:
         self.inv_log_gamma = 1.0 / math.log(self.gamma)
         self.offset = math.ceil(math.log(self.min_value) * self.inv_log_gamma)
         self.n_buckets = math.ceil(math.log(self.max_value) * self.inv_log_gamma) - self.offset + 1
+        if self.n_buckets >= 2**15:  # bucket numbers travel as int16 in the fitting kernel
+            raise ValueError(f"relative_accuracy {relative_accuracy} over [{min_value}, {max_value}] needs "
+                             f"{self.n_buckets} buckets; at most 32,767 are supported")
         if counts is None:
             counts = np.zeros((n_genes, self.n_buckets), dtype=np.uint32)
         if counts.shape != (n_genes, self.n_buckets):
@@ -142,8 +145,12 @@ def _values_at_rank(counts, ranks, bucket_values):
 
 
 def _projection_base(seed: int) -> np.uint64:
-    _, base = _splitmix64(np.uint64((seed ^ 0x5EED0F5EED) & 0xFFFFFFFFFFFFFFFF))
-    return np.uint64(base)
+    """One splitmix64 step of the seed (in plain Python: no compiled code needed for one number)."""
+    mask = 0xFFFFFFFFFFFFFFFF
+    z = ((seed ^ 0x5EED0F5EED) + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return np.uint64(z ^ (z >> 31))
 
 
 @numba.njit(cache=True, inline="always")
@@ -179,67 +186,55 @@ _LOG_TABLE = np.log(np.maximum(np.arange(4096, dtype=np.float64), 1.0))  # log o
 
 @numba.njit(cache=True)
 def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
-                counts, n_cells, sum_log, proj, proj_base, donor_detected, sign_sum, profile, log_table, flat, qs):
+                counts, proj, proj_base, donor_detected, sign_sum, profile, log_table, genes, buckets):
     """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``).
 
     ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). ``proj`` is laid out
-    ``(dim, n_genes)``. ``flat`` and ``qs`` are scratch buffers of at least ``nnz`` entries.
+    ``(dim, n_genes)``. ``genes`` (int32) and ``buckets`` (int16) are scratch buffers of at least ``nnz`` entries.
+    Detection counts and profile sums are not accumulated: they follow from the histogram.
 
-    The work is split into simple passes so that the scattered memory accesses overlap: (1) each entry's histogram
-    bucket and profile value (one logarithm at most: a table lookup for integer counts below 4096), sequentially;
-    (2) the bucket counters, the gene's detection count and sum; (3) the projection, where every cell adds to one
-    row of ``proj`` in ascending gene order (nearly sequential); (4) donor detection.
+    Two passes: (1) cell by cell, each entry's gene and histogram bucket (one logarithm at most: a table lookup
+    for integer counts below 4096) and the projection, where the cell adds to one row of ``proj`` in ascending gene
+    order (nearly sequential); (2) the scattered bucket counters, in a tight loop of their own so that the cache
+    misses overlap.
     """
     n_rows = indptr.shape[0] - 1
     n_buckets = counts.shape[1]
     dim = proj.shape[0]
-    counts_flat = counts.reshape(-1)
-    if n_buckets >= 1 << 16:
-        raise ValueError("too many sketch buckets")
     used = 0
     for i in range(n_rows):
         lo, hi = indptr[i], indptr[i + 1]
         total = totals[i]
         if total <= 0:
             for j in range(lo, hi):
-                flat[j] = -1
+                genes[j] = -1
             continue
         used += 1
         log_scale = math.log(target_sum / total)
+        if dim > 0:
+            h, negative = _cell_hash(keys[i], proj_base)
+            coord = np.int64(h % np.uint64(dim))
+            sign_sum[coord] += -1 if negative else 1
         for j in range(lo, hi):
             x = data[j]
             g = col_map[indices[j]]
             if x <= 0 or g < 0:
-                flat[j] = -1
+                genes[j] = -1
                 continue
             xi = np.int64(x)
             log_x = log_table[xi] if xi < log_table.shape[0] and xi == x else math.log(x)
-            b = np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset
-            b = min(max(b, 0), n_buckets - 1)
-            flat[j] = (g << 16) | b  # gene and bucket in one word (n_buckets < 2^16)
-            qs[j] = profile[b]
-    nnz = indptr[n_rows]
-    for j in range(nnz):
-        f = flat[j]
-        if f >= 0:
-            g = f >> 16
-            counts_flat[g * n_buckets + (f & 0xFFFF)] += 1
-            n_cells[g] += 1
-            sum_log[g] += qs[j]
-    for i in range(n_rows):
-        if totals[i] <= 0:
-            continue
-        if dim > 0:
-            h, negative = _cell_hash(keys[i], proj_base)
-            row = proj[np.int64(h % np.uint64(dim))]
-            sign_sum[np.int64(h % np.uint64(dim))] += -1 if negative else 1
-            for j in range(indptr[i], indptr[i + 1]):
-                f = flat[j]
-                if f >= 0:
-                    row[f >> 16] += -qs[j] if negative else qs[j]
+            b = min(max(np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
+            genes[j] = g
+            buckets[j] = b
+            if dim > 0:  # this cell's projection row, updated in ascending gene order
+                proj[coord, g] += -profile[b] if negative else profile[b]
         donor = donor_codes[i]
         if donor >= 0:
-            for j in range(indptr[i], indptr[i + 1]):
-                if flat[j] >= 0:
-                    donor_detected[donor, flat[j] >> 16] = True
+            for j in range(lo, hi):
+                if genes[j] >= 0:
+                    donor_detected[donor, genes[j]] = True
+    for j in range(indptr[n_rows]):  # the scattered counter increments, in a tight loop of their own
+        g = genes[j]
+        if g >= 0:
+            counts[g, buckets[j]] += 1
     return used

@@ -58,9 +58,7 @@ class FitState:
     gene_ids: np.ndarray  # (n,) str, sorted
     gene_symbols: np.ndarray  # (n,) str, '' where unknown
     sketch: QuantileSketch
-    n_cells: np.ndarray  # (n,) int64 cells detecting the gene
     n_measured: np.ndarray  # (n,) int64 cells in files whose matrix has the gene
-    sum_log: np.ndarray  # (n,) int64 sum of log1p(v) over detecting cells, fixed point
     proj: np.ndarray  # (dim, n) int64 projection sums, fixed point (one row per coordinate: cache-friendly updates)
     proj_sum: np.ndarray  # (dim, n) int64 sum of the cells' signs per coordinate over measuring cells
     donors: np.ndarray  # (n_donors,) str
@@ -77,9 +75,7 @@ class FitState:
             gene_ids=np.asarray(gene_ids, dtype=str),
             gene_symbols=np.asarray(gene_symbols if gene_symbols is not None else [""] * n, dtype=str),
             sketch=sketch,
-            n_cells=np.zeros(n, dtype=np.int64),
             n_measured=np.zeros(n, dtype=np.int64),
-            sum_log=np.zeros(n, dtype=np.int64),
             proj=np.zeros((dim, n), dtype=np.int64),
             proj_sum=np.zeros((dim, n), dtype=np.int64),
             donors=np.zeros(0, dtype=str),
@@ -91,6 +87,17 @@ class FitState:
     @property
     def n_genes(self) -> int:
         return len(self.gene_ids)
+
+    @property
+    def n_cells(self) -> np.ndarray:
+        """``(n,)`` int64 cells detecting each gene (the histogram's row sums)."""
+        return self.sketch.totals()
+
+    @property
+    def sum_log(self) -> np.ndarray:
+        """``(n,)`` int64 sum of the profile values (fixed-point log1p) over the cells detecting each gene: each
+        entry's profile value is a function of its bucket, so this follows from the histogram exactly."""
+        return _row_dot(self.sketch.counts, profile_table(self.sketch))
 
     @property
     def cells_used(self) -> int:
@@ -121,9 +128,7 @@ class FitState:
             other = _copy_reindexed(other, genes)
         self.gene_symbols = _merge_symbols(self.gene_symbols, other.gene_symbols)
         self.sketch.merge(other.sketch)
-        self.n_cells += other.n_cells
         self.n_measured += other.n_measured
-        self.sum_log += other.sum_log
         self.proj += other.proj
         self.proj_sum += other.proj_sum
         rows = self.add_donors(other.donors.tolist())
@@ -146,16 +151,24 @@ class FitState:
 
     # --- persistence -----------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
+        """Write ``sketch.npz``: plain arrays (no pickles), each gene's histogram stored from its first to its last
+        non-empty bucket, zlib level 1 (fast)."""
         counts = self.sketch.counts
-        genes, buckets = np.nonzero(counts)
+        occupied = counts.any(axis=1)
+        first = np.where(occupied, np.argmax(counts > 0, axis=1), 0)
+        last = np.where(occupied, counts.shape[1] - 1 - np.argmax(counts[:, ::-1] > 0, axis=1), -1)
+        lengths = last - first + 1
+        segments = [counts[g, first[g]:last[g] + 1] for g in np.flatnonzero(occupied)]
+        values = np.concatenate(segments) if segments else np.zeros(0, dtype=counts.dtype)
+        if values.size and values.max() < 2**32:
+            values = values.astype(np.uint32)
         meta = {"version": STATE_VERSION, "config": self.config, "inputs": self.inputs}
-        np.savez_compressed(
+        _write_npz(
             Path(directory) / SKETCH_FILE,
             gene_ids=self.gene_ids, gene_symbols=self.gene_symbols,
-            hist_gene=genes.astype(np.int32), hist_bucket=buckets.astype(np.int32),
-            hist_count=counts[genes, buckets].astype(np.uint64),
-            n_cells=self.n_cells, n_measured=self.n_measured, sum_log=self.sum_log,
-            proj=self.proj, proj_sum=self.proj_sum, donors=self.donors,
+            hist_first=first.astype(np.int32), hist_length=lengths.astype(np.int32), hist_values=values,
+            n_measured=self.n_measured,
+            proj=self.proj, proj_sum=_narrow(self.proj_sum), donors=self.donors,
             donor_detected=np.packbits(self.donor_detected, axis=1) if self.donor_detected.size else
             np.zeros((len(self.donors), 0), dtype=np.uint8),
             donor_measured=np.packbits(self.donor_measured, axis=1) if self.donor_measured.size else
@@ -179,12 +192,14 @@ class FitState:
             raise CorruptFileError(f"{path} has sketch format version {meta.get('version')}, expected {STATE_VERSION}")
         n = len(arrays["gene_ids"])
         state = cls.empty(arrays["gene_ids"], meta["config"], arrays["gene_symbols"])
-        counts = np.zeros((n, state.sketch.n_buckets), dtype=np.uint64)
-        counts[arrays["hist_gene"], arrays["hist_bucket"]] = arrays["hist_count"]
-        if counts.max(initial=0) < 2**32:
-            counts = counts.astype(np.uint32)
+        values = arrays["hist_values"]
+        counts = np.zeros((n, state.sketch.n_buckets), dtype=values.dtype if values.size else np.uint32)
+        first, lengths = arrays["hist_first"].astype(np.int64), arrays["hist_length"].astype(np.int64)
+        ends = np.cumsum(lengths)
+        for g in np.flatnonzero(lengths > 0):
+            counts[g, first[g]:first[g] + lengths[g]] = values[ends[g] - lengths[g]:ends[g]]
         state.sketch.counts = counts
-        for name in ("n_cells", "n_measured", "sum_log", "proj", "proj_sum"):
+        for name in ("n_measured", "proj", "proj_sum"):
             setattr(state, name, arrays[name].astype(np.int64))
         state.donors = arrays["donors"].astype(str)
         for name in ("donor_detected", "donor_measured"):
@@ -195,6 +210,33 @@ class FitState:
         return state
 
 
+def _row_dot(counts: np.ndarray, profile: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Exact int64 ``counts @ profile``, a block of rows at a time."""
+    out = np.empty(counts.shape[0], dtype=np.int64)
+    for a in range(0, counts.shape[0], block):
+        out[a:a + block] = counts[a:a + block].astype(np.int64) @ profile
+    return out
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """int64 -> int32 when the values fit (the signs' sums are small)."""
+    if a.size == 0 or (a.min() >= -(2**31) and a.max() < 2**31):
+        return a.astype(np.int32)
+    return a
+
+
+def _write_npz(path: Path, *, stored: tuple[str, ...] = ("proj",), **arrays: np.ndarray) -> None:
+    """An ``.npz`` (``np.load`` reads it) with zlib level 1, several times faster than ``np.savez_compressed``'s
+    level 6 and nearly as small; arrays named in ``stored`` (high-entropy ones) are not compressed at all."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, array in arrays.items():
+            archive.compression = zipfile.ZIP_STORED if name in stored else zipfile.ZIP_DEFLATED
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
 def _copy_reindexed(state: FitState, genes: np.ndarray) -> FitState:
     pos = pd.Index(genes).get_indexer(pd.Index(state.gene_ids))
     new = FitState.empty(genes, state.config)
@@ -203,8 +245,7 @@ def _copy_reindexed(state: FitState, genes: np.ndarray) -> FitState:
     new.gene_symbols = symbols.astype(str)
     new.sketch.counts = np.zeros((len(genes), state.sketch.n_buckets), dtype=state.sketch.counts.dtype)
     new.sketch.counts[pos] = state.sketch.counts
-    for name in ("n_cells", "n_measured", "sum_log"):
-        getattr(new, name)[pos] = getattr(state, name)
+    new.n_measured[pos] = state.n_measured
     new.proj[:, pos] = state.proj
     new.proj_sum[:, pos] = state.proj_sum
     new.donors = state.donors.copy()
@@ -262,9 +303,10 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
     proj_base = _projection_base(int(cfg["seed"]))
     sign_sum = np.zeros(state.proj.shape[0], dtype=np.int64)
     profile = profile_table(state.sketch)
-    flat = np.empty(0, dtype=np.int64)  # scratch buffers of the kernel, grown as needed
-    qs = np.empty(0, dtype=np.int64)
+    genes_buf = np.empty(0, dtype=np.int32)  # scratch buffers of the kernel, grown as needed
+    buckets_buf = np.empty(0, dtype=np.int16)
     opened: dict[int, tuple] = {}
+    pending: dict[int, list] = {}  # per input: cells used and the sum of their projection signs
     per_input: dict[int, dict] = {}
     try:
         for index, start, stop in job.units:
@@ -285,23 +327,24 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
                 else:
                     codes = np.full(source.n_obs, -1, dtype=np.int64)
                 opened[index] = (source, plan, genes.labels, measured, codes, file_key(source.name))
+                pending[index] = [0, np.zeros_like(sign_sum)]
             source, plan, labels, measured, codes, key = opened[index]
             summary = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
             for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
                 sign_sum[:] = 0
-                if len(chunk.data) > len(flat):
-                    flat = np.empty(int(len(chunk.data) * 1.25), dtype=np.int64)
-                    qs = np.empty(len(flat), dtype=np.int64)
+                if len(chunk.data) > len(genes_buf):
+                    genes_buf = np.empty(int(len(chunk.data) * 1.25), dtype=np.int32)
+                    buckets_buf = np.empty(len(genes_buf), dtype=np.int16)
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
                 used = _accumulate(
                     chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
                     chunk_codes, float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset,
-                    state.sketch.counts, state.n_cells, state.sum_log, state.proj, proj_base, state.donor_detected,
-                    sign_sum, profile, _LOG_TABLE, flat, qs,
+                    state.sketch.counts, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
+                    genes_buf, buckets_buf,
                 )
                 if used:
-                    state.n_measured[measured] += used
-                    state.proj_sum[:, measured] += sign_sum[:, None]
+                    pending[index][0] += used
+                    pending[index][1] += sign_sum
                     present = np.unique(chunk_codes[(chunk.totals > 0) & (chunk_codes >= 0)])
                     if len(present):
                         state.donor_measured[np.ix_(present, measured)] = True
@@ -311,6 +354,11 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
     finally:
         for source, *_ in opened.values():
             source.close()
+    # every cell used from a file counts for all the genes the file measures: add those once per file
+    for index, (used, signs) in pending.items():
+        measured = opened[index][3]
+        state.n_measured[measured] += used
+        state.proj_sum[:, measured] += signs[:, None]
     state.inputs = [{"index": i, **s} for i, s in per_input.items()]
     return state
 
@@ -432,7 +480,11 @@ def accumulate_statistics(
                     config, gene_map_dict, chunk_size) for w in range(n_jobs)]
     from .parallel import run_tasks
 
-    states = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress)
+    first = next(((i, a, min(a + 2, b)) for i, a, b in units), None)
+    warmup = (lambda: _fit_units(_FitJob(jobs[0].inputs, [first], gene_ids, config, gene_map_dict, chunk_size),
+                                 lambda n: None)) if first else None
+    states = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress,
+                       warmup=warmup)
 
     # 3. add the workers' states up, attach per-input summaries
     gene_symbols = np.array([symbols.get(g, "") for g in gene_ids], dtype=object).astype(str)

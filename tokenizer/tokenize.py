@@ -302,6 +302,16 @@ def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
     return counters
 
 
+def _warmup(unit: _Unit) -> None:
+    """Encode the first cells of a unit and throw them away: loads the compiled kernels before workers fork."""
+    ctx = _open_context(unit.source, unit.cfg, unit.obs_types, unit.spec)
+    try:
+        stop = min(unit.start + 2, unit.stop)
+        list(iter_record_batches(ctx, unit.start, stop, unit.spec, unit.schema, 2, _new_counters()))
+    finally:
+        ctx.source.close()
+
+
 def _close_contexts() -> None:
     for key in list(_CONTEXTS):
         _CONTEXTS.pop(key).source.close()
@@ -554,7 +564,7 @@ def tokenize_files(
                  for k, (info, a, b) in enumerate(blocks)]
         try:
             counters = run_tasks(_run_unit, units, num_workers=num_workers, total=total, desc="tokenize",
-                                 progress=progress)
+                                 progress=progress, warmup=lambda: _warmup(units[0]))
         finally:
             _close_contexts()
         summary = _summarise(counters, infos)
