@@ -189,7 +189,8 @@ class ExpressConfig(PretrainedConfig):
             f"group_embedding_dims {self.group_embedding_dims} needs one width per level of group_level_sizes "
             f"{self.group_level_sizes}",
         )
-        check(all(n >= 1 for n in self.group_level_sizes), f"group_level_sizes must be >= 1, got {self.group_level_sizes}")
+        check(all(n >= 1 for n in self.group_level_sizes),
+              f"group_level_sizes must be >= 1, got {self.group_level_sizes}")
         check(all(d >= 1 for d in self.group_embedding_dims),
               f"group_embedding_dims must be >= 1, got {self.group_embedding_dims}")
         check(self.hierarchy_combine in HIERARCHY_COMBINES,
@@ -205,7 +206,8 @@ class ExpressConfig(PretrainedConfig):
         check(self.classifier_pooling in POOLINGS,
               f"classifier_pooling must be one of {POOLINGS}, got {self.classifier_pooling!r}")
         check(self.position_embedding_type in POSITION_EMBEDDING_TYPES,
-              f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, got {self.position_embedding_type!r}")
+              f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
+              f"got {self.position_embedding_type!r}")
         check(self.value_embedding_dim >= 0, f"value_embedding_dim must be >= 0, got {self.value_embedding_dim}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             check(0.0 <= getattr(self, name) < 1.0, f"{name} must lie in [0, 1), got {getattr(self, name)}")
@@ -220,7 +222,8 @@ class ExpressConfig(PretrainedConfig):
             value = getattr(self, name)
             check(0 <= value < self.num_special_tokens,
                   f"{name} ({value}) must be a special token id in [0, num_special_tokens={self.num_special_tokens})")
-        check(self.unpad_inputs in (None, True, False), f"unpad_inputs must be None, True or False, got {self.unpad_inputs!r}")
+        check(self.unpad_inputs in (None, True, False),
+              f"unpad_inputs must be None, True or False, got {self.unpad_inputs!r}")
         # `ACT2FN` is imported here, not at module level, so importing this file stays light.
         from transformers.activations import ACT2FN
 

@@ -84,7 +84,9 @@ class ExpressEmbeddings(nn.Module):
     def __init__(self, config: ExpressConfig) -> None:
         super().__init__()
         self.config = config
-        self.gene_embeddings = nn.Embedding(config.vocab_size, config.gene_embedding_dim, padding_idx=config.pad_token_id)
+        self.gene_embeddings = nn.Embedding(
+            config.vocab_size, config.gene_embedding_dim, padding_idx=config.pad_token_id
+        )
         # Group 0 is the "no group" of special tokens: a fixed zero vector.
         self.group_embeddings = nn.ModuleList(
             nn.Embedding(n, d, padding_idx=0) for n, d in zip(config.group_level_sizes, config.group_embedding_dims)
@@ -365,7 +367,9 @@ class ExpressPreTrainedModel(PreTrainedModel):
             raise ValueError("zero_fraction values must lie in [0, 1]")
         if config.n_levels:
             if group_ids is None:
-                raise ValueError(f"the config has {config.n_levels} group levels: pass group_ids (vocab_size, n_levels)")
+                raise ValueError(
+                    f"the config has {config.n_levels} group levels: pass group_ids (vocab_size, n_levels)"
+                )
             group_ids = torch.as_tensor(group_ids, dtype=torch.long)
             if group_ids.ndim == 1:
                 group_ids = group_ids.unsqueeze(1)
@@ -429,8 +433,10 @@ class ExpressModel(ExpressPreTrainedModel):
                 "Call model.set_gene_statistics(vocab.token_zero_fraction, vocab.token_group_ids) before training."
             )
 
-    def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Cell embedding (B, H): the ``<cls>`` state, or the mean over the cell's tokens other than ``<cls>``/``<eos>``."""
+    def pool(
+        self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Cell embedding (B, H): the ``<cls>`` state, or the mean over the cell's tokens except ``<cls>``/``<eos>``."""
         if self.config.classifier_pooling == "cls":
             return last_hidden_state[:, 0]
         keep = attention_mask.bool() & (input_ids != self.config.cls_token_id) & (input_ids != self.config.eos_token_id)
@@ -460,8 +466,10 @@ class ExpressModel(ExpressPreTrainedModel):
             group_ids (`torch.LongTensor` of shape `(B, T, n_levels)`, *optional*): hierarchy groups per token;
                 looked up from the ``gene_group_ids`` buffer by default.
         """
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
@@ -469,8 +477,8 @@ class ExpressModel(ExpressPreTrainedModel):
         if self.embeddings.position_embeddings is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"the batch has {seq_len} tokens per cell but max_position_embeddings is "
-                f"{self.config.max_position_embeddings}; tokenize with a smaller top_k or build the model with a larger "
-                "max_position_embeddings"
+                f"{self.config.max_position_embeddings}; tokenize with a smaller top_k or build the model with a "
+                "larger max_position_embeddings"
             )
         if group_ids is not None and group_ids.shape != (batch_size, seq_len, self.config.n_levels):
             raise ValueError(
@@ -507,7 +515,9 @@ class ExpressModel(ExpressPreTrainedModel):
             else:
                 # Padded mask for the attention call (made from a zero-size stand-in with the padded batch's shape).
                 stand_in = hidden_states.new_empty(batch_size, seq_len, 0)
-                mask = create_bidirectional_mask(config=self.config, inputs_embeds=stand_in, attention_mask=attention_mask)
+                mask = create_bidirectional_mask(
+                    config=self.config, inputs_embeds=stand_in, attention_mask=attention_mask
+                )
                 layer_kwargs = {"packing": packing}
 
         def to_padded(h: torch.Tensor) -> torch.Tensor:
@@ -705,7 +715,9 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
 
         if count_targets is not None or (inference and self.count_head is not None):
             if self.count_head is None:
-                raise ValueError("count_targets were given but the model has no count head (config.use_count_head=False)")
+                raise ValueError(
+                    "count_targets were given but the model has no count head (config.use_count_head=False)"
+                )
             if count_targets is not None:
                 if library_size is None:
                     raise ValueError("count_targets need library_size (B,): each cell's total counts")
@@ -753,10 +765,11 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         mcv_counts: torch.Tensor,
         mcv_library_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """NB negative log-likelihood of held-out counts per held-out count (see :class:`ExpressMaskedModelingOutput`)."""
+        """NB negative log-likelihood of held-out counts, per held-out count (:class:`ExpressMaskedModelingOutput`)."""
         if mcv_counts.shape != mcv_logits.shape:
             raise ValueError(
-                f"mcv_counts must have shape (batch, vocab_size) = {tuple(mcv_logits.shape)}, got {tuple(mcv_counts.shape)}"
+                f"mcv_counts must have shape (batch, vocab_size) = {tuple(mcv_logits.shape)}, "
+                f"got {tuple(mcv_counts.shape)}"
             )
         n = self.config.num_special_tokens
         counts = mcv_counts[:, n:].float()  # (B, G) genes only

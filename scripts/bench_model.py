@@ -99,7 +99,8 @@ def make_batch(args: Args, generator: torch.Generator) -> dict[str, torch.Tensor
     input_ids = torch.where(masked & (roll < 0.8), torch.full_like(input_ids, MASK), input_ids)
     input_ids = torch.where(masked & (roll >= 0.8) & (roll < 0.9), random_genes, input_ids)
     values = torch.where(masked, torch.zeros_like(values), values)
-    return {"input_ids": input_ids, "values": values, "is_zero": is_zero, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "values": values, "is_zero": is_zero, "attention_mask": attention_mask,
+            "labels": labels}
 
 
 def model_inputs(kind: str, batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -122,7 +123,8 @@ def build_model(kind: str, shape: str, args: Args) -> torch.nn.Module:
             hidden_dropout_prob=ExpressConfig().hidden_dropout_prob,
             attention_probs_dropout_prob=ExpressConfig().attention_probs_dropout_prob,
         )
-        config = BertConfig(vocab_size=args.vocab_size, max_position_embeddings=512, pad_token_id=PAD, **dims, **dropout)
+        config = BertConfig(vocab_size=args.vocab_size, max_position_embeddings=512, pad_token_id=PAD,
+                            **dims, **dropout)
         model = BertForMaskedLM._from_config(config, attn_implementation="sdpa")
     else:
         config = ExpressConfig(
@@ -277,7 +279,8 @@ def bench_shape(shape: str, args: Args) -> dict:
             "real_tokens_per_cpu_s": real_tokens / statistics.median(cpu_times[kind]),
         }
         if args.memory:
-            entry["peak_step_memory_mib"] = peak_memory(kind, shape, args, timed[0], models[kind], optimizers[kind]) / 2**20
+            peak_bytes = peak_memory(kind, shape, args, timed[0], models[kind], optimizers[kind])
+            entry["peak_step_memory_mib"] = peak_bytes / 2**20
         flops = statistics.mean(training_flops(kind, shape, b, args.vocab_size) for b in timed)
         entry["model_tflops_per_step"] = flops / 1e12
         entry["achieved_tflops"] = flops / median / 1e12

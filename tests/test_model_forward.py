@@ -5,6 +5,7 @@ Also holds the tiny-model helpers the other ``test_model_*`` files import.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
@@ -81,7 +82,7 @@ def encode(model, batch, **kwargs) -> torch.Tensor:
         return model(**batch, **kwargs).last_hidden_state
 
 
-# --- shapes and dtypes -------------------------------------------------------------------------------------------------
+# --- shapes and dtypes ------------------------------------------------------------------------------------------------
 
 
 def test_shapes_and_dtypes():
@@ -111,7 +112,8 @@ def test_defaults_for_optional_inputs():
     batch = collate(make_cells([10, 7]))
     model = tiny_model(ExpressModel)
     out = encode(model, {"input_ids": batch["input_ids"]})
-    full = encode(model, {**batch, "values": torch.zeros_like(batch["values"]), "is_zero": torch.zeros_like(batch["is_zero"])})
+    no_values = {**batch, "values": torch.zeros_like(batch["values"]), "is_zero": torch.zeros_like(batch["is_zero"])}
+    full = encode(model, no_values)
     torch.testing.assert_close(out, full)
     assert not torch.allclose(out, encode(model, batch))  # values and the zero marker do reach the model
 
@@ -164,7 +166,7 @@ def test_set_gene_statistics_validates():
     assert bool(model.embeddings.gene_statistics_set)
 
 
-# --- padding, unpadding and attention kernels ----------------------------------------------------------------------------
+# --- padding, unpadding and attention kernels ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -245,7 +247,8 @@ def test_gradient_checkpointing_gives_same_gradients():
     cells = make_cells([14, 8, 5])
     batch = collate(cells)
     labels = torch.full_like(batch["input_ids"], -100)
-    labels[0, 3], labels[1, 2], labels[2, 4] = batch["input_ids"][0, 3], batch["input_ids"][1, 2], batch["input_ids"][2, 4]
+    for i, j in [(0, 3), (1, 2), (2, 4)]:
+        labels[i, j] = batch["input_ids"][i, j]
     batch["input_ids"] = torch.where(labels != -100, MASK, batch["input_ids"])
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -315,3 +318,22 @@ def test_output_hidden_states_and_attentions():
     assert torch.all(out.attentions[0][1, :, :, 6:] == 0)  # nobody attends to padding
     as_tuple = model(**batch, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.last_hidden_state)
+
+
+# --- GPU (skipped without one) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_gpu_bf16_matches_cpu_fp32(attn):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("needs flash-attn (pip install express[flash])")
+    batch = collate(make_cells([14, 8, 5, 11]))
+    reference = encode(tiny_model(ExpressModel), batch)
+    model = tiny_model(ExpressModel, attn_implementation=attn).to("cuda", torch.bfloat16)
+    assert model._should_unpad(batch["attention_mask"].bool().cuda()) == (attn == "flash_attention_2")
+    out = encode(model, {k: v.cuda() for k, v in batch.items()}).float().cpu()
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real], reference[real], rtol=0.05, atol=0.05)

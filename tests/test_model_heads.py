@@ -27,7 +27,7 @@ def held_out_counts(n_cells: int = 3, seed: int = 0) -> torch.Tensor:
     return counts
 
 
-# --- MLM ---------------------------------------------------------------------------------------------------------------
+# --- MLM -------------------------------------------------------------------------------------------------------------
 
 
 def test_mlm_loss_is_cross_entropy_over_masked_positions_only():
@@ -69,7 +69,7 @@ def test_no_masked_token_gives_zero_loss_and_zero_grads():
     assert all(torch.all(p.grad == 0) for p in model.parameters() if p.grad is not None)
 
 
-# --- MCV ---------------------------------------------------------------------------------------------------------------
+# --- MCV -------------------------------------------------------------------------------------------------------------
 
 
 def test_mcv_loss_equals_manual_negative_binomial():

@@ -51,7 +51,8 @@ def test_tiny_model_overfits_real_cells():
     lengths = tokens.lengths
     t = int(lengths.max())
     batch = {"input_ids": torch.zeros(N_CELLS, t, dtype=torch.long), "values": torch.zeros(N_CELLS, t),
-             "is_zero": torch.zeros(N_CELLS, t, dtype=torch.long), "attention_mask": torch.zeros(N_CELLS, t, dtype=torch.long)}
+             "is_zero": torch.zeros(N_CELLS, t, dtype=torch.long),
+             "attention_mask": torch.zeros(N_CELLS, t, dtype=torch.long)}
     for i in range(N_CELLS):
         ids, values, is_zero = tokens.cell(i)
         n = len(ids)
