@@ -37,8 +37,9 @@ class ExpressConfig(PretrainedConfig):
             Activation of the feed-forward blocks and heads (any key of ``transformers.activations.ACT2FN``).
         hidden_dropout_prob (`float`, defaults to 0.02):
             Dropout on embeddings and on each residual branch.
-        attention_probs_dropout_prob (`float`, defaults to 0.02):
-            Dropout on attention probabilities.
+        attention_probs_dropout_prob (`float`, defaults to 0.0):
+            Dropout on attention probabilities. Off by default: any attention dropout sends SDPA on CPU (and some GPU
+            kernels) to the unfused path that materialises the attention matrix.
         max_position_embeddings (`int`, defaults to 512):
             Size of the rank-position table; a batch may hold at most this many tokens per cell.
         initializer_range (`float`, defaults to 0.02):
