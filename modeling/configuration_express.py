@@ -38,8 +38,8 @@ class ExpressConfig(PretrainedConfig):
         hidden_dropout_prob (`float`, defaults to 0.02):
             Dropout on embeddings and on each residual branch.
         attention_probs_dropout_prob (`float`, defaults to 0.0):
-            Dropout on attention probabilities. Off by default: any attention dropout sends SDPA on CPU (and some GPU
-            kernels) to the unfused path that materialises the attention matrix.
+            Dropout on attention probabilities. Off by default: with any attention dropout, PyTorch's SDPA on CPU
+            falls back to its unfused path that materialises the attention matrix.
         max_position_embeddings (`int`, defaults to 512):
             Size of the rank-position table; a batch may hold at most this many tokens per cell.
         initializer_range (`float`, defaults to 0.02):
