@@ -11,13 +11,14 @@ and cached. Every stage then runs in its own fresh process, one after the other 
 
 cells/s is measured inside each process from just before the API call to its return (interpreter start-up and
 imports excluded; worker start-up included); ``wall_s`` is the whole process; ``cpu_s`` the CPU time of the process
-and its workers (useful on a shared machine, where wall-clock times depend on the other load). Peak RSS is the largest sum of resident
-memory over the process and all its children, sampled every 50 ms (shared pages of forked workers are counted once
-per process, so this overstates real memory use). Targets (issue 2): fit and tokenize >= 0.5x the floor's cells/s
+and its workers (useful on a shared machine, where wall-clock times depend on the other load). Peak RSS is the
+largest sum of resident memory over the process and all its children, sampled every 50 ms (shared pages of forked
+workers are counted once per process, so this overstates real memory use). Targets (issue 2): fit and tokenize >= 0.5x the floor's cells/s
 with 2 workers; peak RSS at the large size <= 1.2x the small one.
 
     python scripts/bench_tokenizer.py --sizes 50000,200000 --num_workers 2 --out bench_tokenizer.json
     python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit   # quick look
+    python scripts/bench_tokenizer.py --sizes 50000 --compression gzip  # gzip-compressed h5ad, as real files often are
 """
 
 from __future__ import annotations
@@ -89,13 +90,15 @@ def run_stage(code: str) -> dict:
     return {"seconds": inner["seconds"], "cpu_s": inner["cpu_s"], "wall_s": wall, "peak_rss_mib": peak / 2**20}
 
 
-def ensure_corpus(data_dir: Path, n_cells: int, n_genes: int, seed: int) -> Path:
-    path = data_dir / f"synthetic_{n_cells}x{n_genes}_s{seed}.h5ad"
+def ensure_corpus(data_dir: Path, n_cells: int, n_genes: int, seed: int, compression: str | None) -> Path:
+    suffix = f"_{compression}" if compression else ""
+    path = data_dir / f"synthetic_{n_cells}x{n_genes}_s{seed}{suffix}.h5ad"
     if not path.is_file():
         print(f"generating {path} ...", flush=True)
+        extra = ["--compression", compression] if compression else []
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic.py"), "--out", str(path),
-                        "--n_cells", str(n_cells), "--n_genes", str(n_genes), "--seed", str(seed), "--quiet"],
-                       check=True)
+                        "--n_cells", str(n_cells), "--n_genes", str(n_genes), "--seed", str(seed), "--quiet",
+                        *extra], check=True)
     return path
 
 
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="read,fit,tokenize", help=f"any of {','.join(STAGE_CODE)}")
     parser.add_argument("--data_dir", default="/tmp/express_bench", help="where corpora and outputs go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compression", default=None, choices=[None, "gzip", "lzf"],
+                        help="HDF5 compression of the synthetic files (default none, as anndata writes by default; "
+                             "real-world h5ad files are often gzip-compressed)")
     parser.add_argument("--out", default="bench_tokenizer.json", help="JSON results")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -121,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n_cells in sizes:
-        path = ensure_corpus(data_dir, n_cells, args.n_genes, args.seed)
-        work = data_dir / f"run_{n_cells}"
+        path = ensure_corpus(data_dir, n_cells, args.n_genes, args.seed, args.compression)
+        work = data_dir / f"run_{n_cells}{'_' + args.compression if args.compression else ''}"
         for stage in stages:
             code = STAGE_CODE[stage].format(path=str(path), stats=str(work / "stats"), tokens=str(work / "tokens"),
                                             workers=args.num_workers, chunk_size=args.chunk_size)
             result = run_stage(WRAPPER.format(code=code))
             workers = 1 if stage == "read" else args.num_workers
-            row = {"cells": n_cells, "stage": stage, "workers": workers, **result,
+            row = {"cells": n_cells, "stage": stage, "workers": workers, "compression": args.compression, **result,
                    "cells_per_s": n_cells / result["seconds"]}
             rows.append(row)
             print(f"{n_cells:>8,} {stage:<16} {result['seconds']:8.2f} s {row['cells_per_s']:>10,.0f} cells/s "

@@ -150,6 +150,19 @@ def test_workers_shards_and_merge_give_the_one_pass_result(tmp_path, corpus):
         merge_statistics([tmp_path / "a", tmp_path])
 
 
+def test_uint16_counters_are_flushed_before_they_overflow(monkeypatch, corpus):
+    """Fitting counts into uint16 tables flushed every 65,535 cells; flushing every 100 cells changes nothing."""
+    import tokenizer.stats
+
+    paths, _ = corpus
+    reference = accumulate_statistics(paths, progress=False, chunk_size=64)
+    monkeypatch.setattr(tokenizer.stats, "_FLUSH_CELLS", 100)
+    flushed = accumulate_statistics(paths, progress=False, chunk_size=64)
+    np.testing.assert_array_equal(reference.sketch.counts, flushed.sketch.counts)
+    np.testing.assert_array_equal(reference.proj, flushed.proj)
+    assert reference.sketch.counts.dtype == np.uint32
+
+
 def test_projection_sketch_equals_a_direct_reference(corpus):
     paths, adatas = corpus
     state = accumulate_statistics(paths[:1], sketch_dim=16, seed=5, progress=False)

@@ -2,10 +2,8 @@
 
 import json
 
-import anndata as ad
 import datasets
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 

@@ -46,6 +46,7 @@ from .vocab import SPECIAL_TOKENS, GeneVocab
 logger = logging.getLogger(__name__)
 
 SKETCH_FILE = "sketch.npz"
+_FLUSH_CELLS = 2**16 - 1  # cells counted into the uint16 table between flushes (no counter can overflow)
 STATE_VERSION = 1
 # Parameters two states must share to be merged (they define what the accumulators mean).
 _MERGE_KEYS = ("target_sum", "relative_accuracy", "min_value", "max_value", "sketch_dim", "seed", "donor_key")
@@ -153,7 +154,7 @@ class FitState:
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``sketch.npz``: plain arrays (no pickles), each gene's histogram stored from its first to its last
         non-empty bucket, zlib level 1 (fast)."""
-        counts = self.sketch.counts
+        counts = np.ascontiguousarray(self.sketch.counts.T)  # gene-major for the segments
         occupied = counts.any(axis=1)
         first = np.where(occupied, np.argmax(counts > 0, axis=1), 0)
         last = np.where(occupied, counts.shape[1] - 1 - np.argmax(counts[:, ::-1] > 0, axis=1), -1)
@@ -198,7 +199,7 @@ class FitState:
         ends = np.cumsum(lengths)
         for g in np.flatnonzero(lengths > 0):
             counts[g, first[g]:first[g] + lengths[g]] = values[ends[g] - lengths[g]:ends[g]]
-        state.sketch.counts = counts
+        state.sketch.counts = np.ascontiguousarray(counts.T)  # bucket-major
         for name in ("n_measured", "proj", "proj_sum"):
             setattr(state, name, arrays[name].astype(np.int64))
         state.donors = arrays["donors"].astype(str)
@@ -210,11 +211,11 @@ class FitState:
         return state
 
 
-def _row_dot(counts: np.ndarray, profile: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Exact int64 ``counts @ profile``, a block of rows at a time."""
-    out = np.empty(counts.shape[0], dtype=np.int64)
-    for a in range(0, counts.shape[0], block):
-        out[a:a + block] = counts[a:a + block].astype(np.int64) @ profile
+def _row_dot(counts: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    """Exact int64 ``profile @ counts`` for a bucket-major table (per gene: sum of count x profile value)."""
+    out = np.zeros(counts.shape[1], dtype=np.int64)
+    for b in range(counts.shape[0]):
+        out += profile[b] * counts[b].astype(np.int64)
     return out
 
 
@@ -243,8 +244,8 @@ def _copy_reindexed(state: FitState, genes: np.ndarray) -> FitState:
     symbols = np.full(len(genes), "", dtype=object)
     symbols[pos] = state.gene_symbols
     new.gene_symbols = symbols.astype(str)
-    new.sketch.counts = np.zeros((len(genes), state.sketch.n_buckets), dtype=state.sketch.counts.dtype)
-    new.sketch.counts[pos] = state.sketch.counts
+    new.sketch.counts = np.zeros((state.sketch.n_buckets, len(genes)), dtype=state.sketch.counts.dtype)
+    new.sketch.counts[:, pos] = state.sketch.counts
     new.n_measured[pos] = state.n_measured
     new.proj[:, pos] = state.proj
     new.proj_sum[:, pos] = state.proj_sum
@@ -296,15 +297,19 @@ class _FitJob:
     chunk_size: int
 
 
-def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
+def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False) -> FitState | None:
+    """Accumulate the job's row blocks into a fresh state. ``warmup`` only runs the kernels once on the job's cells
+    (loading them before workers fork) without building a state."""
     cfg = job.config
     state = FitState.empty(job.gene_ids, cfg)
     target = pd.Index(job.gene_ids)
     proj_base = _projection_base(int(cfg["seed"]))
     sign_sum = np.zeros(state.proj.shape[0], dtype=np.int64)
     profile = profile_table(state.sketch)
-    genes_buf = np.empty(0, dtype=np.int32)  # scratch buffers of the kernel, grown as needed
-    buckets_buf = np.empty(0, dtype=np.int16)
+    # The kernel counts into a uint16 table (half the memory traffic of uint32: the rows a cell touches stay in
+    # cache), flushed into the state's wide counters before any counter could overflow.
+    low = np.zeros(state.sketch.counts.shape, dtype=np.uint16)
+    since_flush = 0
     opened: dict[int, tuple] = {}
     pending: dict[int, list] = {}  # per input: cells used and the sum of their projection signs
     per_input: dict[int, dict] = {}
@@ -331,16 +336,16 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
             source, plan, labels, measured, codes, key = opened[index]
             summary = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
             for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
+                if since_flush + chunk.n_rows > _FLUSH_CELLS:  # a uint16 counter grows by at most one per cell
+                    _flush(state, low)
+                    since_flush = 0
+                since_flush += chunk.n_rows
                 sign_sum[:] = 0
-                if len(chunk.data) > len(genes_buf):
-                    genes_buf = np.empty(int(len(chunk.data) * 1.25), dtype=np.int32)
-                    buckets_buf = np.empty(len(genes_buf), dtype=np.int16)
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
                 used = _accumulate(
                     chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
                     chunk_codes, float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset,
-                    state.sketch.counts, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
-                    genes_buf, buckets_buf,
+                    low, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
                 )
                 if used:
                     pending[index][0] += used
@@ -354,6 +359,9 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
     finally:
         for source, *_ in opened.values():
             source.close()
+    if warmup:
+        return None
+    _flush(state, low)
     # every cell used from a file counts for all the genes the file measures: add those once per file
     for index, (used, signs) in pending.items():
         measured = opened[index][3]
@@ -361,6 +369,12 @@ def _fit_units(job: _FitJob, report: Callable[[int], None]) -> FitState:
         state.proj_sum[:, measured] += signs[:, None]
     state.inputs = [{"index": i, **s} for i, s in per_input.items()]
     return state
+
+
+def _flush(state: FitState, low: np.ndarray) -> None:
+    """Add the uint16 counters into the state's histogram and zero them."""
+    np.add(state.sketch.counts, low, out=state.sketch.counts, casting="unsafe")
+    low[:] = 0
 
 
 def _describe_input(item, index: int) -> str:
@@ -482,7 +496,7 @@ def accumulate_statistics(
 
     first = next(((i, a, min(a + 2, b)) for i, a, b in units), None)
     warmup = (lambda: _fit_units(_FitJob(jobs[0].inputs, [first], gene_ids, config, gene_map_dict, chunk_size),
-                                 lambda n: None)) if first else None
+                                 lambda n: None, warmup=True)) if first else None
     states = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress,
                        warmup=warmup)
 

@@ -137,5 +137,6 @@ def describe_stats(path: str | os.PathLike, *, n_top: int = 10) -> str:
     lines.append("  most detected genes: " + ", ".join(
         f"{symbols[i] or vocab.gene_ids[i]} ({vocab.n_cells[i]:,})" for i in order))
     for item in meta.get("inputs", []):
-        lines.append(f"  input {item['path']}: {item.get('cells_used', 0):,} cells used, {item.get('genes', 0):,} genes")
+        lines.append(f"  input {item['path']}: {item.get('cells_used', 0):,} cells used, "
+                     f"{item.get('genes', 0):,} genes")
     return "\n".join(lines)
