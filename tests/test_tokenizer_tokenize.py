@@ -125,6 +125,9 @@ def test_manifest_counts_and_vocab_files(tmp_path, files):
     assert counts["length"]["max"] == max(ds["length"])
     for name in ("vocab.json", "gene_stats.parquet", "stats.json"):
         assert (out / name).is_file()
+    # dataset_info.json is written without importing datasets: it must say what datasets itself would
+    written = json.loads((out / "dataset_info.json").read_text())["features"]
+    assert written == datasets.Features.from_arrow_schema(ds.data.schema).to_dict()
     assert not list(tmp_path.glob(".tokens*"))  # no temporary folder left behind
 
 

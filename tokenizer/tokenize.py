@@ -589,9 +589,23 @@ def tokenize_files(
     return out_dir
 
 
-def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, summary: dict, params: dict) -> None:
-    from datasets import DatasetInfo, Features
+def _feature(arrow_type: pa.DataType, list_name: str) -> dict:
+    """The ``datasets`` feature description of an Arrow type (the few types tokenized datasets use)."""
+    if pa.types.is_list(arrow_type):
+        return {"feature": _feature(arrow_type.value_type, list_name), "_type": list_name}
+    if arrow_type == pa.string():
+        dtype = "string"
+    else:  # numeric and bool: numpy's names (float64, int32, bool), as datasets uses
+        dtype = np.dtype(arrow_type.to_pandas_dtype()).name
+    return {"dtype": dtype, "_type": "Value"}
 
+
+def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, summary: dict, params: dict) -> None:
+    """``state.json`` and ``dataset_info.json`` as ``datasets.save_to_disk`` writes them (without importing
+    ``datasets``, which takes longer than tokenizing a small file)."""
+    from importlib.metadata import version
+
+    list_name = "List" if int(version("datasets").split(".")[0]) >= 4 else "Sequence"  # datasets 4 renamed it
     fingerprint = hashlib.sha256(json.dumps([params, summary["inputs"]], sort_keys=True, default=str).encode())
     state = {
         "_data_files": [{"filename": n} for n in names],
@@ -600,9 +614,9 @@ def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, s
         "_output_all_columns": False, "_split": None,
     }
     (directory / "state.json").write_text(json.dumps(state, indent=2))
-    info = DatasetInfo(features=Features.from_arrow_schema(schema),
-                       description="express rank-token dataset (see manifest.json)")
-    info.write_to_directory(str(directory))
+    info = {"description": "express rank-token dataset (see manifest.json)", "citation": "", "homepage": "",
+            "license": "", "features": {f.name: _feature(f.type, list_name) for f in schema}}
+    (directory / "dataset_info.json").write_text(json.dumps(info))
 
 
 def tokenize_adata(
