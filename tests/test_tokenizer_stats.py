@@ -52,6 +52,14 @@ def test_sketch_merge_is_exact_and_memory_is_flat():
     with pytest.raises(ValueError, match="different parameters"):
         a.merge(QuantileSketch(10, relative_accuracy=0.01))
     assert np.isnan(QuantileSketch(2).medians()).all()
+    from tokenizer.sketch import add_counters
+
+    narrow = np.full((2, 3), 60_000, dtype=np.uint16)
+    total = add_counters(narrow.copy(), narrow)  # uint16 tables add up in (at least) uint32
+    assert total.dtype == np.uint32 and total.max() == 120_000 and narrow.max() == 60_000
+    big = np.full((2, 3), 2**32 - 10, dtype=np.uint32)
+    total = add_counters(big.copy(), np.full((2, 3), 20, dtype=np.uint32))  # widened before it could overflow
+    assert total.dtype == np.uint64 and total.max() == 2**32 + 10
 
 
 # --- fit on synthetic data --------------------------------------------------------------------------------------------

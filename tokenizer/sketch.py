@@ -121,12 +121,16 @@ class QuantileSketch:
 
 
 def add_counters(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a + b`` for counter tables, widening uint32 to uint64 only when the sum would overflow."""
-    if a.dtype == np.uint32 and b.dtype == np.uint32 and int(a.max(initial=0)) + int(b.max(initial=0)) >= 2**32:
-        a = a.astype(np.uint64)
-    if a.dtype != np.result_type(a.dtype, b.dtype):
-        a = a.astype(np.result_type(a.dtype, b.dtype))
-    a += b
+    """``a + b`` for counter tables (uint16/32/64): at least uint32, widened to uint64 only when the sum could
+    overflow. May reuse ``a``."""
+    wide = np.uint64 if int(a.max(initial=0)) + int(b.max(initial=0)) >= 2**32 else np.uint32
+    dtype = np.result_type(a.dtype, b.dtype, wide)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    if b.dtype == np.uint16 and a.dtype == np.uint32:
+        _add_into(a, b.copy())  # numba add (numpy's mixed-type add is slow); the copy is zeroed, not b
+    else:
+        a += b
     return a
 
 
@@ -228,3 +232,13 @@ def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, targe
             if donor >= 0:
                 donor_detected[donor, g] = True
     return used
+
+
+@numba.njit(cache=True)
+def _add_into(wide, narrow):
+    """``wide += narrow; narrow[:] = 0`` for counter tables of the same shape (numpy's mixed-type add is slow)."""
+    w = wide.reshape(-1)
+    n = narrow.reshape(-1)
+    for i in range(w.shape[0]):
+        w[i] += n[i]
+        n[i] = 0

@@ -40,7 +40,7 @@ from .io import (
     read_obs_totals,
 )
 from .output import staged_dir
-from .sketch import _LOG_TABLE, FIXED_POINT, QuantileSketch, _accumulate, _projection_base, profile_table
+from .sketch import _LOG_TABLE, FIXED_POINT, QuantileSketch, _accumulate, _add_into, _projection_base, profile_table
 from .vocab import SPECIAL_TOKENS, GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -360,8 +360,12 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
         for source, *_ in opened.values():
             source.close()
     if warmup:
+        _add_into(np.zeros((1, 1), dtype=state.sketch.counts.dtype), np.zeros((1, 1), dtype=low.dtype))
         return None
-    _flush(state, low)
+    if since_flush == 0 or state.sketch.counts.any():
+        _flush(state, low)
+    else:  # nothing flushed yet: the uint16 table is the whole histogram (half the bytes to send back)
+        state.sketch.counts = low
     # every cell used from a file counts for all the genes the file measures: add those once per file
     for index, (used, signs) in pending.items():
         measured = opened[index][3]
@@ -373,8 +377,7 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
 
 def _flush(state: FitState, low: np.ndarray) -> None:
     """Add the uint16 counters into the state's histogram and zero them."""
-    np.add(state.sketch.counts, low, out=state.sketch.counts, casting="unsafe")
-    low[:] = 0
+    _add_into(state.sketch.counts, low)
 
 
 def _describe_input(item, index: int) -> str:
@@ -513,6 +516,8 @@ def accumulate_statistics(
     state = states[0]
     for part in states[1:]:
         state.merge(part)
+    if state.sketch.counts.dtype == np.uint16:  # a single worker's narrow table: widen for later merges
+        state.sketch.counts = state.sketch.counts.astype(np.uint32)
     state.inputs = []
     for index, desc in enumerate(described):
         if index in per_input:

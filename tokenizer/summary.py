@@ -45,8 +45,10 @@ def describe_dataset(path: str | os.PathLike, *, max_categories: int = 6) -> str
                      f"skipped: {skipped.get('zero_counts', 0):,} with zero counts, "
                      f"{skipped.get('no_vocabulary_genes', 0):,} without vocabulary genes")
         for item in manifest.get("inputs", []):
-            lines.append(f"  input {item['path']}: {item['cells']:,} cells, {item['genes']:,} genes "
-                         f"({item['genes_in_vocab']:,} in the vocabulary, {item['genes_missing_from_vocab']:,} not)")
+            lines.append(f"  input {item['path']}: {item['cells']:,} cells, {item['genes']:,} genes -> "
+                         f"{item['genes_in_vocab']:,} vocabulary genes ({item['genes_missing_from_vocab']:,} ids not "
+                         f"in the vocabulary, {item.get('genes_unmapped', 0):,} unmapped, "
+                         f"{item.get('genes_empty_id', 0):,} without an id)")
         lines.append(f"  vocabulary: {manifest.get('vocab_size')} tokens, fingerprint "
                      f"{manifest.get('vocab_fingerprint')}")
     obs_keys = manifest.get("params", {}).get("obs_keys", [])
