@@ -158,17 +158,25 @@ def test_workers_shards_and_merge_give_the_one_pass_result(tmp_path, corpus):
         merge_statistics([tmp_path / "a", tmp_path])
 
 
-def test_uint16_counters_are_flushed_before_they_overflow(monkeypatch, corpus):
-    """Fitting counts into uint16 tables flushed every 65,535 cells; flushing every 100 cells changes nothing."""
-    import tokenizer.stats
+def test_counters_carry_past_65535():
+    """The fitting kernel keeps 32-bit counters as two uint16 halves; 70,000 identical entries must count 70,000."""
+    from tokenizer.sketch import _LOG_TABLE, _accumulate, _projection_base, combine_halves
 
-    paths, _ = corpus
-    reference = accumulate_statistics(paths, progress=False, chunk_size=64)
-    monkeypatch.setattr(tokenizer.stats, "_FLUSH_CELLS", 100)
-    flushed = accumulate_statistics(paths, progress=False, chunk_size=64)
-    np.testing.assert_array_equal(reference.sketch.counts, flushed.sketch.counts)
-    np.testing.assert_array_equal(reference.proj, flushed.proj)
-    assert reference.sketch.counts.dtype == np.uint32
+    n = 70_000
+    sketch = QuantileSketch(3)
+    low = np.zeros(sketch.counts.shape, dtype=np.uint16)
+    high = np.zeros_like(low)
+    indptr = np.arange(n + 1, dtype=np.int64)
+    indices = np.full(n, 1, dtype=np.int32)  # every cell: column 1 (gene 2), count 2, library size 40
+    args = (indptr, indices, np.full(n, 2, dtype=np.int32), np.array([-1, 2, 0]), np.full(n, 40.0),
+            np.arange(n, dtype=np.uint64), np.full(n, -1), 1e4, sketch.inv_log_gamma, sketch.offset, low, high,
+            np.zeros((4, 3), dtype=np.int64), _projection_base(0), np.zeros((0, 3), dtype=bool),
+            np.zeros(4, dtype=np.int64), profile_table(sketch), _LOG_TABLE)
+    used, wrapped = _accumulate(*args)
+    assert used == n and wrapped == 1
+    sketch.counts = combine_halves(low, high)
+    assert sketch.totals().tolist() == [0, 0, n]
+    np.testing.assert_allclose(sketch.medians()[2], 2 / 40 * 1e4, rtol=0.005)
 
 
 def test_projection_sketch_equals_a_direct_reference(corpus):

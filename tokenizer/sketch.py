@@ -192,19 +192,24 @@ _LOG_TABLE = np.log(np.maximum(np.arange(4096, dtype=np.float64), 1.0))  # log o
 
 @numba.njit(cache=True)
 def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
-                counts, proj, proj_base, donor_detected, sign_sum, profile, log_table):
-    """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``).
+                low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table):
+    """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
+    counters that wrapped past 65,535.
+
+    The histogram counters are 32-bit, kept as two uint16 tables ``low`` and ``high`` (see :func:`combine_halves`):
+    only the low half is touched on every increment.
 
     ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). Both tables are
-    laid out so that one cell touches few rows, in gene order: ``counts[bucket, gene]`` (a cell's entries with the
+    laid out so that one cell touches few rows, in gene order: ``low[bucket, gene]`` (a cell's entries with the
     same count share a bucket) and ``proj[coordinate, gene]`` (a cell has one coordinate). Per entry: one logarithm
     at most (a table lookup for integer counts below 4096) and two increments. Detection counts and profile sums are
     not accumulated: they follow from the histogram.
     """
     n_rows = indptr.shape[0] - 1
-    n_buckets = counts.shape[0]
+    n_buckets = low.shape[0]
     dim = proj.shape[0]
     used = 0
+    wrapped = 0
     for i in range(n_rows):
         total = totals[i]
         if total <= 0:
@@ -226,12 +231,21 @@ def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, targe
             xi = np.int64(x)
             log_x = log_table[xi] if xi < log_table.shape[0] and xi == x else math.log(x)
             b = min(max(np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
-            counts[b, g] += 1
+            c = (np.int64(low[b, g]) + 1) & 0xFFFF
+            low[b, g] = c
+            if c == 0:  # wrapped past 65,535: carry into the high half
+                high[b, g] += 1
+                wrapped += 1
             if dim > 0:
                 proj[coord, g] += -profile[b] if negative else profile[b]
             if donor >= 0:
                 donor_detected[donor, g] = True
-    return used
+    return used, wrapped
+
+
+def combine_halves(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """uint32 counters from their uint16 low and high halves."""
+    return low.astype(np.uint32) | (high.astype(np.uint32) << np.uint32(16))
 
 
 @numba.njit(cache=True)

@@ -40,13 +40,20 @@ from .io import (
     read_obs_totals,
 )
 from .output import staged_dir
-from .sketch import _LOG_TABLE, FIXED_POINT, QuantileSketch, _accumulate, _add_into, _projection_base, profile_table
+from .sketch import (
+    _LOG_TABLE,
+    FIXED_POINT,
+    QuantileSketch,
+    _accumulate,
+    _projection_base,
+    combine_halves,
+    profile_table,
+)
 from .vocab import SPECIAL_TOKENS, GeneVocab
 
 logger = logging.getLogger(__name__)
 
 SKETCH_FILE = "sketch.npz"
-_FLUSH_CELLS = 2**16 - 1  # cells counted into the uint16 table between flushes (no counter can overflow)
 STATE_VERSION = 1
 # Parameters two states must share to be merged (they define what the accumulators mean).
 _MERGE_KEYS = ("target_sum", "relative_accuracy", "min_value", "max_value", "sketch_dim", "seed", "donor_key")
@@ -306,10 +313,12 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
     proj_base = _projection_base(int(cfg["seed"]))
     sign_sum = np.zeros(state.proj.shape[0], dtype=np.int64)
     profile = profile_table(state.sketch)
-    # The kernel counts into a uint16 table (half the memory traffic of uint32: the rows a cell touches stay in
-    # cache), flushed into the state's wide counters before any counter could overflow.
+    # The kernel counts into two uint16 tables, the low and high halves of 32-bit counters: the hot low half is
+    # half the memory traffic of uint32 (the rows a cell touches stay in cache), and the pages of the high half are
+    # only ever touched where a counter passes 65,535 (memory stays flat as the corpus grows).
     low = np.zeros(state.sketch.counts.shape, dtype=np.uint16)
-    since_flush = 0
+    high = np.zeros(state.sketch.counts.shape, dtype=np.uint16)
+    wraps = 0
     opened: dict[int, tuple] = {}
     pending: dict[int, list] = {}  # per input: cells used and the sum of their projection signs
     per_input: dict[int, dict] = {}
@@ -336,17 +345,14 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             source, plan, labels, measured, codes, key = opened[index]
             summary = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
             for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
-                if since_flush + chunk.n_rows > _FLUSH_CELLS:  # a uint16 counter grows by at most one per cell
-                    _flush(state, low)
-                    since_flush = 0
-                since_flush += chunk.n_rows
                 sign_sum[:] = 0
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
-                used = _accumulate(
+                used, wrapped = _accumulate(
                     chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
                     chunk_codes, float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset,
-                    low, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
+                    low, high, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
                 )
+                wraps += wrapped
                 if used:
                     pending[index][0] += used
                     pending[index][1] += sign_sum
@@ -360,12 +366,9 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
         for source, *_ in opened.values():
             source.close()
     if warmup:
-        _add_into(np.zeros((1, 1), dtype=state.sketch.counts.dtype), np.zeros((1, 1), dtype=low.dtype))
         return None
-    if since_flush == 0 or state.sketch.counts.any():
-        _flush(state, low)
-    else:  # nothing flushed yet: the uint16 table is the whole histogram (half the bytes to send back)
-        state.sketch.counts = low
+    # without a wrap the low half is the whole histogram (and half the bytes to send back)
+    state.sketch.counts = low if wraps == 0 else combine_halves(low, high)
     # every cell used from a file counts for all the genes the file measures: add those once per file
     for index, (used, signs) in pending.items():
         measured = opened[index][3]
@@ -373,11 +376,6 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
         state.proj_sum[:, measured] += signs[:, None]
     state.inputs = [{"index": i, **s} for i, s in per_input.items()]
     return state
-
-
-def _flush(state: FitState, low: np.ndarray) -> None:
-    """Add the uint16 counters into the state's histogram and zero them."""
-    _add_into(state.sketch.counts, low)
 
 
 def _describe_input(item, index: int) -> str:
