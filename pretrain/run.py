@@ -33,11 +33,9 @@ a model card), ``OUT/loss_curve.png``, ``OUT/logs/`` (TensorBoard).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -45,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from pretrain.data import (
@@ -155,7 +152,8 @@ class PretrainArgs:
     stop_at_step: int | None = field(default=None, metadata={
         "help": "leave after this step with a checkpoint, without finishing (for job time limits; then --resume)"})
     max_train_minutes: float | None = field(default=None, metadata={
-        "help": "finish (final eval, checkpoint and final/) once training has run this long"})
+        "help": "finish (final eval, checkpoint and final/) once the training steps (evaluation and checkpoints "
+                "not counted) have taken this long"})
     progress_bar: bool = field(default=True, metadata={"help": "show a progress bar"})
     write_rank_report: bool = field(default=False, metadata={
         "help": "write OUT/rank_reports/rank<R>.json: world size, the cells this process trained on and a "
@@ -296,7 +294,8 @@ def build_model(args: PretrainArgs, corpus: Corpus, resume_dir: Path | None):
         model.set_gene_statistics(vocab.token_zero_fraction, vocab.token_group_ids)
     if model.config._attn_implementation != args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
-    missing = [o for o, head in (("mcv", model.mcv_head), ("count", model.count_head)) if o in objectives and head is None]
+    heads = {"mcv": model.mcv_head, "count": model.count_head}
+    missing = [o for o, head in heads.items() if o in objectives and head is None]
     if missing:
         raise ValueError(f"the model has no head for {missing}; start a new model or drop them from --objectives")
     # heads of objectives not trained now get no gradient: freeze them so DDP does not wait for one
@@ -486,7 +485,17 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     objectives = args.objective_list
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
     resume_dir = check_output_dir(args, output_dir)
+    sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+    if sharded and resume_dir is not None:
+        raise CheckpointError(
+            "exact --resume is implemented for DDP (optimizer state saved whole by the main process); under "
+            f"{accelerator.distributed_type} start a new run from the checkpoint's weights with "
+            f"--init_from {resume_dir}"
+        )
     if resume_dir is not None and accelerator.is_main_process:
         verify_checkpoint(resume_dir)  # before anything is written: a corrupt checkpoint stops the run here
     accelerator.wait_for_everyone()
@@ -557,10 +566,11 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     run_config = {k: (",".join(map(str, v)) if isinstance(v, list) else ("none" if v is None else v))
                   for k, v in args_to_dict(args).items()}
     accelerator.init_trackers(args.run_name or output_dir.name, config=run_config)
+    global_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     accelerator.print(
         f"pretraining {n_params:,} parameters on {len(corpus.train)} cells ({len(corpus.eval)} held out) from "
         f"{len(corpus.datasets)} dataset(s); objectives {objectives}; {accelerator.num_processes} process(es) on "
-        f"{accelerator.device.type}; global batch {args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} cells"
+        f"{accelerator.device.type}; global batch {global_batch} cells"
     )
 
     def micro_batches():
@@ -596,10 +606,10 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     last_saved = state["step"] if resume_dir is not None else None
     last_good = resume_dir
     metrics: dict[str, float] = {}
-    run_start = time.perf_counter() - state["train_seconds"]
     model.train()
     finished_early = False
     while state["step"] < args.max_steps:
+        step_start = time.perf_counter()  # training time counts steps only, not evaluation or checkpoints
         step_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         for _ in range(args.gradient_accumulation_steps):
             batch = next(stream)
@@ -637,7 +647,7 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         window[:4] += step_sums / args.gradient_accumulation_steps
-        state["train_seconds"] = time.perf_counter() - run_start
+        state["train_seconds"] += time.perf_counter() - step_start
         bar.update(1)
         step = state["step"]
 
@@ -662,7 +672,8 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
 
         out_of_time = False
         if args.max_train_minutes is not None:  # decided together: every process must leave at the same step
-            late = torch.tensor([float(state["train_seconds"] > 60 * args.max_train_minutes)], device=accelerator.device)
+            late = torch.tensor([float(state["train_seconds"] > 60 * args.max_train_minutes)],
+                                device=accelerator.device)
             out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
         at_end = step == args.max_steps or out_of_time
         if eval_loader is not None and ((args.eval_steps and step % args.eval_steps == 0) or at_end):
@@ -686,7 +697,8 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     bar.close()
 
     result: dict[str, Any] = {"step": state["step"], "metrics": metrics, "output_dir": str(output_dir),
-                              "last_checkpoint": str(last_good) if last_good else None}
+                              "last_checkpoint": str(last_good) if last_good else None,
+                              "train_seconds": state["train_seconds"], "n_parameters": n_params}
     if args.write_rank_report:
         report_dir = output_dir / "rank_reports"
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -727,7 +739,11 @@ def _gather_objects(accelerator, obj) -> list:
 
 if __name__ == "__main__":
     try:
-        main()
+        cli_args = parse_args(PretrainArgs)
+    except ValueError as err:  # inconsistent flags: say which, without a traceback
+        sys.exit(f"pretrain/run.py: error: {err}")
+    try:
+        main(cli_args)
     except (NonFiniteLossError, CheckpointError, VocabularyMismatchError, FileExistsError) as err:
         logger.error("%s", err)
         sys.exit(1)

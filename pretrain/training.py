@@ -140,7 +140,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_args(cls: type, argv: Sequence[str] | None = None, *, description: str | None = None):
-    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls`` (see :func:`build_parser`)."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls`` (:func:`build_parser`)."""
     parser = build_parser(cls, description=description)
     known, _ = parser.parse_known_args(argv)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -455,7 +455,8 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
 
 
 def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    """Check a checkpoint folder is complete and unaltered; return its trainer state or raise :class:`CheckpointError`."""
+    """Check a checkpoint folder is complete and unaltered; return its trainer state, or raise
+    :class:`CheckpointError` saying what is wrong."""
     directory = Path(directory)
     advice = (f"Delete {directory} to resume from the checkpoint before it, or pass another one with --resume_from.")
     if not directory.is_dir():

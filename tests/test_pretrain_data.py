@@ -18,7 +18,6 @@ import torch
 
 from pretrain.data import (
     IGNORE_INDEX,
-    CellDataset,
     DatasetFormatError,
     EncodingParams,
     ExpressCollator,
@@ -457,8 +456,8 @@ def test_collator_rejects_bad_settings(two_datasets):
     with pytest.raises(ValueError, match="encodings="):
         ExpressCollator(vocab, mcv_input_fraction=0.5)
     with pytest.raises(DatasetFormatError, match="keep_counts"):
-        ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=[EncodingParams()])([{"input_ids": np.array([2, 5]), "values": np.ones(2),
-                                                         "is_zero": np.zeros(2), "total_counts": 3.0}])
+        row = {"input_ids": np.array([2, 5]), "values": np.ones(2), "is_zero": np.zeros(2), "total_counts": 3.0}
+        ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=[EncodingParams()])([row])
 
 
 def test_encoding_params_from_manifest():

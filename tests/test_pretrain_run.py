@@ -193,3 +193,41 @@ def test_command_line_and_config_file(tmp_path):
         parse_args(PretrainArgs, ["--objectives", "mlm,contrastive"])
     with pytest.raises(ValueError, match="one --dataset_weights value per --dataset"):
         PretrainArgs(dataset=["a"], dataset_weights=[1.0, 2.0])
+
+
+def test_default_data_run_uses_the_tokenizers_encoding_for_mcv(tmp_path):
+    """No --dataset: the built-in data is tokenized with the tokenizer's Python API (kept counts, library sizes from
+    obs['n_counts']), and the MCV re-tokenization's encoder reproduces the stored tokens from the kept counts."""
+    import numpy as np
+
+    from pretrain.data import load_corpus
+    from tokenizer import encode_count_rows
+
+    out = tmp_path / "default"
+    result = main(PretrainArgs(output_dir=str(out), max_steps=2, eval_steps=0, max_eval_cells=16, **TINY))
+    assert result["step"] == 2 and "eval/mcv_nll" in result["metrics"]
+    tokens = out / "default_data" / "tokens"
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    assert manifest["params"]["keep_counts"] and manifest["params"]["total_counts_key"] == "n_counts"
+    corpus = load_corpus([tokens], eval_fraction=0.0, require_counts=True)
+    assert len(corpus.train) == 700
+    enc, vocab = corpus.encodings[0], corpus.vocab
+    for i in range(0, 700, 35):
+        row = corpus.train[i]
+        again = encode_count_rows([row["counts_ids"]], [row["counts"]], np.array([row["total_counts"]]),
+                                  vocab.token_medians, top_k=enc.top_k, cls_id=vocab.cls_id,
+                                  target_sum=enc.target_sum)
+        detected = row["is_zero"] == 0
+        assert row["input_ids"][detected].tolist() == again.input_ids.tolist()
+        np.testing.assert_array_equal(row["values"][detected], again.values)
+        assert set(row["input_ids"][~detected].tolist()) <= set(enc.candidates_for(row["source"]).tolist())
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from pretrain.run import make_accelerator
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'express\[wandb\]'"):
+        make_accelerator(PretrainArgs(report_to="wandb"), tmp_path)
