@@ -76,8 +76,13 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_iter: int = 30, tol: float
         centroids[c] = x[min(idx, n - 1)]
         d2 = np.minimum(d2, np.maximum(x_sq - 2.0 * x @ centroids[c] + centroids[c] @ centroids[c], 0.0))
     labels = np.full(n, -1, dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
     for _ in range(n_iter):
-        dist = x_sq[:, None] - 2.0 * x @ centroids.T + (centroids**2).sum(1)[None, :]
+        # x_sq - 2 x.c + c_sq, in place (doubling is exact, so this equals evaluating the expression directly)
+        np.matmul(x, centroids.T, out=dist)
+        dist *= -2.0
+        dist += x_sq[:, None]
+        dist += (centroids**2).sum(1)[None, :]
         new = dist.argmin(1)
         changed = np.count_nonzero(new != labels)
         labels = new

@@ -21,8 +21,9 @@ coordinate and the sign come from a hash of the cell's identity (file name and r
 chunk or a worker. Inner products, hence correlations after centring, are preserved in expectation with a relative
 spread of about ``sqrt(2 / dim)``. ``log1p(v)`` is taken at the entry's histogram bucket (so within ``alpha`` of ``v``)
 and kept in fixed point (units of ``2^-20``) in int64: the sums are exact and merge by addition in any order.
-Per stored entry fitting costs one logarithm (a table lookup for integer counts below 4096) and two increments,
-whatever ``dim`` is, in tables laid out so that one cell touches only a few rows (see :func:`_accumulate`).
+Per stored entry fitting costs two table lookups (a cell's bucket of each small integer count is worked out once
+per cell) and two increments, whatever ``dim`` is, in tables laid out so that one cell touches only a few rows (see
+:func:`_accumulate`).
 """
 
 from __future__ import annotations
@@ -101,7 +102,12 @@ class QuantileSketch:
 
     def totals(self) -> np.ndarray:
         """``(n_genes,)`` number of observations of each gene."""
-        return self.counts.sum(axis=0, dtype=np.int64)
+        return self.summary(np.zeros(self.n_buckets, dtype=np.int64))[0]
+
+    def summary(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One pass over the counters: per gene the number of observations, the sum of ``weights[bucket]`` over them
+        (int64, exact), and the first and last non-empty bucket (``0, -1`` for genes never observed)."""
+        return _column_summary(self.counts, np.ascontiguousarray(weights, dtype=np.int64))
 
     def quantile_at_rank(self, ranks: np.ndarray) -> np.ndarray:
         """Value of the ``ranks[g]``-th smallest observation (0-based) of each gene; NaN where the rank is missing."""
@@ -112,11 +118,12 @@ class QuantileSketch:
         n = self.totals()
         return self.quantile_at_rank(np.where(n > 0, np.floor(q * (n - 1)).astype(np.int64), -1))
 
-    def medians(self) -> np.ndarray:
-        """Per-gene median, as ``numpy.median`` (mean of the two middle values); NaN for genes never observed."""
-        n = self.totals()
-        lower = self.quantile_at_rank(np.where(n > 0, (n - 1) // 2, -1))
-        upper = self.quantile_at_rank(np.where(n > 0, n // 2, -1))
+    def medians(self, totals: np.ndarray | None = None) -> np.ndarray:
+        """Per-gene median, as ``numpy.median`` (mean of the two middle values); NaN for genes never observed.
+        ``totals`` (from :meth:`totals`) saves a pass over the counters."""
+        n = self.totals() if totals is None else np.asarray(totals, dtype=np.int64)
+        lower, upper = _values_at_ranks(self.counts, np.where(n > 0, (n - 1) // 2, -1),
+                                        np.where(n > 0, n // 2, -1), self.bucket_values())
         return (lower + upper) / 2.0
 
 
@@ -148,6 +155,80 @@ def _values_at_rank(counts, ranks, bucket_values):
                 if seen[g] > r:
                     out[g] = bucket_values[b]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _values_at_ranks(counts, lower, upper, bucket_values):
+    """:func:`_values_at_rank` for two ranks per gene in one pass (``lower <= upper``)."""
+    n_buckets, n_genes = counts.shape
+    low_out = np.full(n_genes, np.nan)
+    up_out = np.full(n_genes, np.nan)
+    seen = np.zeros(n_genes, dtype=np.int64)
+    for b in range(n_buckets):
+        for g in range(n_genes):
+            r = upper[g]
+            if r >= 0 and seen[g] <= r:
+                before = seen[g]
+                seen[g] += counts[b, g]
+                if seen[g] > r:
+                    up_out[g] = bucket_values[b]
+                if before <= lower[g] < seen[g]:
+                    low_out[g] = bucket_values[b]
+    return low_out, up_out
+
+
+@numba.njit(cache=True, nogil=True)
+def _column_summary(counts, weights):
+    n_buckets, n_genes = counts.shape
+    totals = np.zeros(n_genes, dtype=np.int64)
+    weighted = np.zeros(n_genes, dtype=np.int64)
+    first = np.zeros(n_genes, dtype=np.int64)
+    last = np.full(n_genes, -1, dtype=np.int64)
+    for b in range(n_buckets):
+        w = weights[b]
+        for g in range(n_genes):
+            c = np.int64(counts[b, g])
+            if c != 0:
+                if totals[g] == 0:
+                    first[g] = b
+                last[g] = b
+                totals[g] += c
+                weighted[g] += c * w
+    return totals, weighted, first, last
+
+
+@numba.njit(cache=True, nogil=True)
+def _gene_segments(counts, first, last):
+    """Every gene's counters from its first to its last non-empty bucket, one gene after the other (a tiled
+    transpose of the bucket-major table: the genes' runs are contiguous in the result)."""
+    n_buckets, n_genes = counts.shape
+    starts = np.zeros(n_genes + 1, dtype=np.int64)
+    for g in range(n_genes):
+        starts[g + 1] = starts[g] + max(last[g] - first[g] + 1, 0)
+    out = np.empty(starts[n_genes], dtype=counts.dtype)
+    tile = 16
+    for g0 in range(0, n_genes, tile):
+        g1 = min(g0 + tile, n_genes)
+        lo, hi = n_buckets, -1
+        for g in range(g0, g1):
+            if last[g] >= first[g]:
+                lo = min(lo, first[g])
+                hi = max(hi, last[g])
+        for b in range(lo, hi + 1):
+            for g in range(g0, g1):
+                if first[g] <= b <= last[g]:
+                    out[starts[g] + b - first[g]] = counts[b, g]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_segments(counts, values, first, lengths):
+    """The inverse of :func:`_gene_segments`: ``lengths[g]`` values per gene into ``counts[first[g]:, g]``."""
+    pos = 0
+    for g in range(counts.shape[1]):
+        for r in range(lengths[g]):
+            counts[first[g] + r, g] = values[pos + r]
+        pos += lengths[g]
 
 
 def _projection_base(seed: int) -> np.uint64:
@@ -188,28 +269,44 @@ def profile_table(sketch: QuantileSketch) -> np.ndarray:
 
 
 _LOG_TABLE = np.log(np.maximum(np.arange(4096, dtype=np.float64), 1.0))  # log of small integer counts
+_SMALL_COUNTS = 32  # per cell, the bucket of every integer count below this is worked out once
 
 
 @numba.njit(cache=True)
 def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
                 low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table):
     """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
-    counters that wrapped past 65,535.
+    counters that wrapped past 65,535 (see :func:`accumulate_rows`, which also reports the rows it touched)."""
+    touched = np.array([low.shape[0], -1], dtype=np.int64)
+    return accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma,
+                           offset, low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched)
+
+
+@numba.njit(cache=True)
+def accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
+                    low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched):
+    """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
+    counters that wrapped past 65,535. ``touched`` (``[first, last]`` histogram row) is widened to cover every row
+    written to.
 
     The histogram counters are 32-bit, kept as two uint16 tables ``low`` and ``high`` (see :func:`combine_halves`):
     only the low half is touched on every increment.
 
     ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). Both tables are
     laid out so that one cell touches few rows, in gene order: ``low[bucket, gene]`` (a cell's entries with the
-    same count share a bucket) and ``proj[coordinate, gene]`` (a cell has one coordinate). Per entry: one logarithm
-    at most (a table lookup for integer counts below 4096) and two increments. Detection counts and profile sums are
-    not accumulated: they follow from the histogram.
+    same count share a bucket) and ``proj[coordinate, gene]`` (a cell has one coordinate). A cell's bucket and
+    signed profile value of every integer count below ``_SMALL_COUNTS`` (almost all entries of UMI data) are worked
+    out once per cell with the same arithmetic as for any other value, so an entry costs two table lookups and two
+    increments. Detection counts and profile sums are not accumulated: they follow from the histogram.
     """
     n_rows = indptr.shape[0] - 1
     n_buckets = low.shape[0]
     dim = proj.shape[0]
     used = 0
     wrapped = 0
+    first, last = touched[0], touched[1]
+    small_bucket = np.empty(_SMALL_COUNTS, dtype=np.int64)
+    small_profile = np.empty(_SMALL_COUNTS, dtype=np.int64)
     for i in range(n_rows):
         total = totals[i]
         if total <= 0:
@@ -222,6 +319,13 @@ def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, targe
             h, negative = _cell_hash(keys[i], proj_base)
             coord = np.int64(h % np.uint64(dim))
             sign_sum[coord] += -1 if negative else 1
+        for x in range(1, _SMALL_COUNTS):
+            b = min(max(np.int64(math.ceil((log_table[x] + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
+            small_bucket[x] = b
+            small_profile[x] = -profile[b] if negative else profile[b]
+        if indptr[i + 1] > indptr[i]:  # the buckets grow with the count: these bound every small count's bucket
+            first = min(first, small_bucket[1])
+            last = max(last, small_bucket[_SMALL_COUNTS - 1])
         donor = donor_codes[i]
         for j in range(indptr[i], indptr[i + 1]):
             x = data[j]
@@ -229,18 +333,34 @@ def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, targe
             if x <= 0 or g < 0:
                 continue
             xi = np.int64(x)
-            log_x = log_table[xi] if xi < log_table.shape[0] and xi == x else math.log(x)
-            b = min(max(np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
+            if xi < _SMALL_COUNTS and xi == x:
+                b = small_bucket[xi]
+                p = small_profile[xi]
+            else:
+                log_x = log_table[xi] if xi < log_table.shape[0] and xi == x else math.log(x)
+                b = min(max(np.int64(math.ceil((log_x + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
+                p = -profile[b] if negative else profile[b]
+                first = min(first, b)
+                last = max(last, b)
             c = (np.int64(low[b, g]) + 1) & 0xFFFF
             low[b, g] = c
             if c == 0:  # wrapped past 65,535: carry into the high half
                 high[b, g] += 1
                 wrapped += 1
             if dim > 0:
-                proj[coord, g] += -profile[b] if negative else profile[b]
+                proj[coord, g] += p
             if donor >= 0:
                 donor_detected[donor, g] = True
+    touched[0], touched[1] = first, last
     return used, wrapped
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_rows(out, low, first, last):
+    """``out[first:last + 1] += low[first:last + 1]`` (a wide counter table and a uint16 one)."""
+    for b in range(first, last + 1):
+        for g in range(out.shape[1]):
+            out[b, g] += low[b, g]
 
 
 def combine_halves(low: np.ndarray, high: np.ndarray) -> np.ndarray:

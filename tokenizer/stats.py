@@ -44,9 +44,11 @@ from .sketch import (
     _LOG_TABLE,
     FIXED_POINT,
     QuantileSketch,
-    _accumulate,
+    _add_rows,
+    _gene_segments,
     _projection_base,
-    combine_halves,
+    _scatter_segments,
+    accumulate_rows,
     profile_table,
 )
 from .vocab import SPECIAL_TOKENS, GeneVocab
@@ -105,7 +107,7 @@ class FitState:
     def sum_log(self) -> np.ndarray:
         """``(n,)`` int64 sum of the profile values (fixed-point log1p) over the cells detecting each gene: each
         entry's profile value is a function of its bucket, so this follows from the histogram exactly."""
-        return _row_dot(self.sketch.counts, profile_table(self.sketch))
+        return self.sketch.summary(profile_table(self.sketch))[1]
 
     @property
     def cells_used(self) -> int:
@@ -160,16 +162,14 @@ class FitState:
     # --- persistence -----------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``sketch.npz``: plain arrays (no pickles), each gene's histogram stored from its first to its last
-        non-empty bucket, zlib level 1 (fast)."""
-        counts = np.ascontiguousarray(self.sketch.counts.T)  # gene-major for the segments
-        occupied = counts.any(axis=1)
-        first = np.where(occupied, np.argmax(counts > 0, axis=1), 0)
-        last = np.where(occupied, counts.shape[1] - 1 - np.argmax(counts[:, ::-1] > 0, axis=1), -1)
+        non-empty bucket in the narrowest unsigned type that holds its counters, zlib level 1 (fast)."""
+        _, _, first, last = self.sketch.summary(np.zeros(self.sketch.n_buckets, dtype=np.int64))
         lengths = last - first + 1
-        segments = [counts[g, first[g]:last[g] + 1] for g in np.flatnonzero(occupied)]
-        values = np.concatenate(segments) if segments else np.zeros(0, dtype=counts.dtype)
-        if values.size and values.max() < 2**32:
-            values = values.astype(np.uint32)
+        values = _gene_segments(self.sketch.counts, first, last)
+        if values.size:
+            top = int(values.max())
+            values = values.astype(next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
+                                        if top <= np.iinfo(t).max), copy=False)
         meta = {"version": STATE_VERSION, "config": self.config, "inputs": self.inputs}
         _write_npz(
             Path(directory) / SKETCH_FILE,
@@ -201,12 +201,14 @@ class FitState:
         n = len(arrays["gene_ids"])
         state = cls.empty(arrays["gene_ids"], meta["config"], arrays["gene_symbols"])
         values = arrays["hist_values"]
-        counts = np.zeros((n, state.sketch.n_buckets), dtype=values.dtype if values.size else np.uint32)
+        wide = np.uint64 if values.dtype == np.uint64 else np.uint32
         first, lengths = arrays["hist_first"].astype(np.int64), arrays["hist_length"].astype(np.int64)
-        ends = np.cumsum(lengths)
-        for g in np.flatnonzero(lengths > 0):
-            counts[g, first[g]:first[g] + lengths[g]] = values[ends[g] - lengths[g]:ends[g]]
-        state.sketch.counts = np.ascontiguousarray(counts.T)  # bucket-major
+        if len(first) != n or len(lengths) != n or lengths.min(initial=0) < 0 or lengths.sum() != len(values) or \
+                ((lengths > 0) & ((first < 0) | (first + lengths > state.sketch.n_buckets))).any():
+            raise CorruptFileError(f"{path}: the histogram segments do not fit the sketch")
+        counts = np.zeros((state.sketch.n_buckets, n), dtype=wide)  # bucket-major
+        _scatter_segments(counts, values.astype(wide, copy=False), first, lengths)
+        state.sketch.counts = counts
         for name in ("n_measured", "proj", "proj_sum"):
             setattr(state, name, arrays[name].astype(np.int64))
         state.donors = arrays["donors"].astype(str)
@@ -216,14 +218,6 @@ class FitState:
                     np.zeros((len(state.donors), n), dtype=bool))
         state.inputs = meta["inputs"]
         return state
-
-
-def _row_dot(counts: np.ndarray, profile: np.ndarray) -> np.ndarray:
-    """Exact int64 ``profile @ counts`` for a bucket-major table (per gene: sum of count x profile value)."""
-    out = np.zeros(counts.shape[1], dtype=np.int64)
-    for b in range(counts.shape[0]):
-        out += profile[b] * counts[b].astype(np.int64)
-    return out
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -302,25 +296,74 @@ class _FitJob:
     config: dict
     gene_map: dict | None
     chunk_size: int
+    slot: int | None = None  # the worker's tables in _SHARED_TABLES (forked workers), or None: its own
 
 
-def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False) -> FitState | None:
-    """Accumulate the job's row blocks into a fresh state. ``warmup`` only runs the kernels once on the job's cells
-    (loading them before workers fork) without building a state."""
+class _Tables:
+    """The two big tables one worker fills: the low halves of the histogram counters and the projection sums.
+
+    Forked workers fill tables in memory shared with the parent (anonymous shared mappings made before the fork),
+    so nothing big is pickled back; otherwise they are private arrays, returned with the results. Only the
+    histogram rows a worker wrote to are read back (reading an untouched shared page would allocate it).
+    """
+
+    def __init__(self, n_buckets: int, n_genes: int, dim: int, shared: bool):
+        self.low = _zeros((n_buckets, n_genes), np.uint16, shared)
+        self.proj = _zeros((dim, n_genes), np.int64, shared)
+
+
+def _zeros(shape: tuple[int, ...], dtype, shared: bool) -> np.ndarray:
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not shared or size == 0:
+        return np.zeros(shape, dtype=dtype)
+    import mmap
+
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)  # zero-filled, pages made on first use
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+_SHARED_TABLES: list[_Tables] | None = None  # set by the parent just before forking workers
+
+
+@dataclass
+class _FitPart:
+    """What one worker sends back: per-input summaries and the small tables (the big ones travel only when they are
+    not shared)."""
+
+    tables: _Tables | None  # None: in _SHARED_TABLES[slot]
+    slot: int | None
+    rows: tuple[int, int]  # first and last histogram row written to (first > last: none)
+    high: tuple[np.ndarray, np.ndarray]  # flat positions and values of the counters' non-zero high halves
+    measured: dict[int, np.ndarray]  # per input: the positions of the genes its matrix has
+    pending: dict[int, list]  # per input: cells used and the per-coordinate sum of their projection signs
+    per_input: dict[int, dict]  # per input: cells used and skipped
+    donors: np.ndarray
+    donor_detected: np.ndarray
+    donor_measured: np.ndarray
+
+
+def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False) -> _FitPart | None:
+    """Accumulate the job's row blocks into fresh tables. ``warmup`` only runs the kernels once on the job's cells
+    (loading them before workers fork) without keeping anything."""
     cfg = job.config
-    state = FitState.empty(job.gene_ids, cfg)
+    state = FitState.empty(job.gene_ids, {**cfg, "sketch_dim": 0})  # donors and sketch parameters; no big tables
+    sketch = state.sketch
     target = pd.Index(job.gene_ids)
     proj_base = _projection_base(int(cfg["seed"]))
-    sign_sum = np.zeros(state.proj.shape[0], dtype=np.int64)
-    profile = profile_table(state.sketch)
+    dim = int(cfg["sketch_dim"])
+    sign_sum = np.zeros(dim, dtype=np.int64)
+    profile = profile_table(sketch)
+    shared = job.slot is not None and _SHARED_TABLES is not None
+    tables = _SHARED_TABLES[job.slot] if shared else _Tables(sketch.n_buckets, len(job.gene_ids), dim, False)
     # The kernel counts into two uint16 tables, the low and high halves of 32-bit counters: the hot low half is
     # half the memory traffic of uint32 (the rows a cell touches stay in cache), and the pages of the high half are
     # only ever touched where a counter passes 65,535 (memory stays flat as the corpus grows).
-    low = np.zeros(state.sketch.counts.shape, dtype=np.uint16)
-    high = np.zeros(state.sketch.counts.shape, dtype=np.uint16)
+    low, proj = tables.low, tables.proj
+    high = np.zeros(low.shape, dtype=np.uint16)
+    touched = np.array([sketch.n_buckets, -1], dtype=np.int64)
     wraps = 0
     opened: dict[int, tuple] = {}
-    pending: dict[int, list] = {}  # per input: cells used and the sum of their projection signs
+    pending: dict[int, list] = {}
     per_input: dict[int, dict] = {}
     try:
         for index, start, stop in job.units:
@@ -347,10 +390,10 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
                 sign_sum[:] = 0
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
-                used, wrapped = _accumulate(
+                used, wrapped = accumulate_rows(
                     chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
-                    chunk_codes, float(cfg["target_sum"]), state.sketch.inv_log_gamma, state.sketch.offset,
-                    low, high, state.proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE,
+                    chunk_codes, float(cfg["target_sum"]), sketch.inv_log_gamma, sketch.offset,
+                    low, high, proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE, touched,
                 )
                 wraps += wrapped
                 if used:
@@ -367,14 +410,50 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             source.close()
     if warmup:
         return None
-    # without a wrap the low half is the whole histogram (and half the bytes to send back)
-    state.sketch.counts = low if wraps == 0 else combine_halves(low, high)
+    flat = np.flatnonzero(high) if wraps else np.zeros(0, dtype=np.int64)
+    return _FitPart(
+        tables=None if shared else tables, slot=job.slot if shared else None, rows=(int(touched[0]), int(touched[1])),
+        high=(flat, high.reshape(-1)[flat]), measured={i: o[3] for i, o in opened.items()}, pending=pending,
+        per_input=per_input, donors=state.donors, donor_detected=state.donor_detected,
+        donor_measured=state.donor_measured,
+    )
+
+
+def _assemble(parts: list[_FitPart], gene_ids: np.ndarray, config: dict) -> FitState:
+    """The state of all the workers' cells: their tables added up, per-file counts spread over the genes."""
+    state = FitState.empty(gene_ids, config)
+    cells = sum(used for part in parts for used, _ in part.pending.values())
+    counts = np.zeros(state.sketch.counts.shape, dtype=np.uint32 if cells < 2**32 else np.uint64)
+    tables = [part.tables if part.tables is not None else _SHARED_TABLES[part.slot] for part in parts]
+    for part, table in zip(parts, tables):
+        first, last = part.rows
+        if first <= last:
+            _add_rows(counts, table.low, first, last)
+        flat, high = part.high
+        counts.reshape(-1)[flat] += high.astype(counts.dtype) << 16
+    state.sketch.counts = counts
+    if state.proj.size:
+        np.copyto(state.proj, tables[0].proj)
+        for table in tables[1:]:
+            state.proj += table.proj
     # every cell used from a file counts for all the genes the file measures: add those once per file
-    for index, (used, signs) in pending.items():
-        measured = opened[index][3]
-        state.n_measured[measured] += used
-        state.proj_sum[:, measured] += signs[:, None]
-    state.inputs = [{"index": i, **s} for i, s in per_input.items()]
+    per_file: dict[int, list] = {}
+    for part in parts:
+        for index, (used, signs) in part.pending.items():
+            acc = per_file.setdefault(index, [part.measured[index], 0, np.zeros_like(signs)])
+            acc[1] += used
+            acc[2] += signs
+    for measured, used, signs in per_file.values():
+        if len(measured) == len(gene_ids):  # the file has every gene: no fancy indexing over the big table
+            state.n_measured += used
+            state.proj_sum += signs[:, None]
+        else:
+            state.n_measured[measured] += used
+            state.proj_sum[:, measured] += signs[:, None]
+    for part in parts:
+        rows = state.add_donors(part.donors.tolist())
+        state.donor_detected[rows] |= part.donor_detected
+        state.donor_measured[rows] |= part.donor_measured
     return state
 
 
@@ -493,29 +572,31 @@ def accumulate_statistics(
     n_jobs = max(1, min(num_workers, len(units)))
     jobs = [_FitJob([str(i) if isinstance(i, os.PathLike) else i for i in inputs], units[w::n_jobs], gene_ids,
                     config, gene_map_dict, chunk_size) for w in range(n_jobs)]
-    from .parallel import run_tasks
+    from .parallel import run_tasks, start_method
 
     first = next(((i, a, min(a + 2, b)) for i, a, b in units), None)
     warmup = (lambda: _fit_units(_FitJob(jobs[0].inputs, [first], gene_ids, config, gene_map_dict, chunk_size),
                                  lambda n: None, warmup=True)) if first else None
-    states = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress,
-                       warmup=warmup)
-
-    # 3. add the workers' states up, attach per-input summaries
-    gene_symbols = np.array([symbols.get(g, "") for g in gene_ids], dtype=object).astype(str)
+    global _SHARED_TABLES
+    if num_workers > 1 and n_jobs > 1 and start_method() == "fork":
+        n_buckets = QuantileSketch(0, relative_accuracy, min_value, max_value).n_buckets
+        _SHARED_TABLES = [_Tables(n_buckets, len(gene_ids), int(sketch_dim), True) for _ in jobs]
+        for w, job in enumerate(jobs):
+            job.slot = w
+    try:
+        parts = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress,
+                          warmup=warmup)
+        # 3. add the workers' tables up, attach per-input summaries
+        state = _assemble(parts, gene_ids, config)
+    finally:
+        _SHARED_TABLES = None
+    state.gene_symbols = np.array([symbols.get(g, "") for g in gene_ids], dtype=object).astype(str)
     per_input: dict[int, dict] = {}
-    for part in states:
-        for item in part.inputs:
-            acc = per_input.setdefault(item["index"], {"cells_used": 0, "cells_skipped_zero_counts": 0})
+    for part in parts:
+        for index, item in part.per_input.items():
+            acc = per_input.setdefault(index, {"cells_used": 0, "cells_skipped_zero_counts": 0})
             acc["cells_used"] += item["cells_used"]
             acc["cells_skipped_zero_counts"] += item["cells_skipped_zero_counts"]
-        part.inputs = []
-        part.gene_symbols = gene_symbols
-    state = states[0]
-    for part in states[1:]:
-        state.merge(part)
-    if state.sketch.counts.dtype == np.uint16:  # a single worker's narrow table: widen for later merges
-        state.sketch.counts = state.sketch.counts.astype(np.uint32)
     state.inputs = []
     for index, desc in enumerate(described):
         if index in per_input:
@@ -552,11 +633,12 @@ def finalize_statistics(
     """The vocabulary with statistics from an accumulated (and possibly merged) :class:`FitState`."""
     if min_cells < 1:
         raise InputError(f"min_cells must be >= 1 (a gene needs detections for its median), got {min_cells}")
-    keep = state.n_cells >= min_cells
+    all_cells, sum_log, _, _ = state.sketch.summary(profile_table(state.sketch))
+    keep = all_cells >= min_cells
     if not keep.any():
         raise InputError(f"no gene is detected in >= {min_cells} cells; lower --min_cells")
-    medians = state.sketch.medians()[keep]
-    n_cells = state.n_cells[keep]
+    medians = state.sketch.medians(all_cells)[keep]
+    n_cells = all_cells[keep]
     n_measured = state.n_measured[keep]
     zero_fraction = 1.0 - n_cells / np.maximum(n_measured, 1)
     donor_zero = None
@@ -572,7 +654,7 @@ def finalize_statistics(
         group_ids, levels, hierarchy_meta = read_hierarchy_tsv(hierarchy, gene_ids)
     else:
         sizes = parse_n_groups(n_groups, len(gene_ids))
-        vectors = profile_vectors(state)[keep]
+        vectors = profile_vectors(state, sum_log)[keep]
         group_ids = derive_hierarchy(vectors, sizes, seed=hierarchy_seed)
         hierarchy_meta = {"source": "derived", "method": "nested k-means on projection sketches",
                           "n_groups_requested": sizes, "seed": hierarchy_seed,
@@ -610,20 +692,35 @@ def finalize_statistics(
     )
 
 
-def profile_vectors(state: FitState) -> np.ndarray:
-    """Unit-length, centred projection sketches of each gene's log-normalised profile (``(n, dim)`` float64)."""
+def profile_vectors(state: FitState, sum_log: np.ndarray | None = None) -> np.ndarray:
+    """Unit-length, centred projection sketches of each gene's log-normalised profile (``(n, dim)`` float64).
+    ``sum_log`` (:attr:`FitState.sum_log`) saves a pass over the histogram."""
+    sum_log = state.sum_log if sum_log is None else sum_log
+    mean = sum_log.astype(np.float64) / FIXED_POINT / np.maximum(state.n_measured, 1)
     proj = state.proj.T.astype(np.float64) / FIXED_POINT
-    mean = state.sum_log.astype(np.float64) / FIXED_POINT / np.maximum(state.n_measured, 1)
     centred = proj - mean[:, None] * state.proj_sum.T
     norm = np.linalg.norm(centred, axis=1, keepdims=True)
     return np.divide(centred, norm, out=np.zeros_like(centred), where=norm > 0)
 
 
-def _save(state: FitState, vocab: GeneVocab, out_dir, overwrite: bool) -> None:
+def _finalize_and_save(state: FitState, out_dir, overwrite: bool, finalize: Callable[[], GeneVocab]) -> GeneVocab:
+    """``finalize()`` the vocabulary and, with an ``out_dir``, write it with the state. The state is written in a
+    second thread while the vocabulary is worked out (both run mostly compiled code, zlib and BLAS, which release
+    the GIL); the folder is staged and only renamed into place once both are complete."""
+    if out_dir is None:
+        return finalize()
+    from concurrent.futures import ThreadPoolExecutor
+
     with staged_dir(out_dir, overwrite) as tmp:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            written = pool.submit(state.save, tmp)
+            try:
+                vocab = finalize()
+            finally:
+                written.result()
         vocab.save(tmp)
-        state.save(tmp)
     logger.info("wrote %d genes (+%d special tokens) to %s", vocab.n_genes, vocab.n_special, out_dir)
+    return vocab
 
 
 def fit_statistics(
@@ -658,11 +755,8 @@ def fit_statistics(
 
         check_output(out_dir, overwrite)  # fail before the work, not after
     state = accumulate_statistics(inputs, **kwargs)
-    vocab = finalize_statistics(state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy,
-                                hierarchy_seed=state.config["seed"])
-    if out_dir is not None:
-        _save(state, vocab, out_dir, overwrite)
-    return vocab
+    return _finalize_and_save(state, out_dir, overwrite, lambda: finalize_statistics(
+        state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy, hierarchy_seed=state.config["seed"]))
 
 
 def merge_statistics(
@@ -692,9 +786,11 @@ def merge_statistics(
         state.merge(FitState.load(directory))
     state.config.pop("shard", None)
     state.canonical()
-    vocab = finalize_statistics(state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy,
-                                hierarchy_seed=state.config["seed"])
-    vocab.meta["merged_from"] = [str(d) for d in stats_dirs]
-    if out_dir is not None:
-        _save(state, vocab, out_dir, overwrite)
-    return vocab
+
+    def finalize() -> GeneVocab:
+        vocab = finalize_statistics(state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy,
+                                    hierarchy_seed=state.config["seed"])
+        vocab.meta["merged_from"] = [str(d) for d in stats_dirs]
+        return vocab
+
+    return _finalize_and_save(state, out_dir, overwrite, finalize)

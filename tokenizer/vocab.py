@@ -177,7 +177,7 @@ class GeneVocab:
         """Write ``vocab.json``, ``gene_stats.parquet`` and ``stats.json`` into ``directory`` (each atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(directory / VOCAB_FILE, json.dumps(self.token_to_id, indent=0).encode())
+        atomic_write_bytes(directory / VOCAB_FILE, _flat_json(self.token_to_id).encode())
         fd, tmp = tempfile.mkstemp(prefix=f".{STATS_FILE}.", dir=directory)
         os.close(fd)
         try:
@@ -231,6 +231,15 @@ class GeneVocab:
         import hashlib
 
         return hashlib.sha256(json.dumps(self.token_to_id, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat_json(mapping: dict[str, int]) -> str:
+    """``json.dumps(mapping, indent=0)`` for a flat str -> int mapping, without the slow pure-Python encoder that any
+    ``indent`` selects."""
+    if not mapping:
+        return "{}"
+    dumps = json.JSONEncoder(ensure_ascii=True).encode
+    return "{\n" + ",\n".join(f"{dumps(k)}: {int(v)}" for k, v in mapping.items()) + "\n}"
 
 
 def _json_default(obj):
