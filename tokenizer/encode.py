@@ -95,45 +95,14 @@ class RankTokens:
         }
 
 
-@numba.njit(cache=True)
-def _select_largest(a: np.ndarray, k: int) -> None:
-    """Quickselect in place so that ``a[len(a) - k:]`` holds the k largest values (unordered)."""
-    target = a.shape[0] - k
-    lo, hi = 0, a.shape[0] - 1
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        # median of three as pivot
-        x, y, z = a[lo], a[mid], a[hi]
-        pivot = max(min(x, y), min(max(x, y), z))
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while a[j] > pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            hi = j
-        elif target >= i:
-            lo = i
-        else:
-            return
-
-
-_S53 = np.uint64(53)
+_S53 = np.uint64(53)  # a key's top 11 bits (sign, exponent and two mantissa bits of the value): its radix bucket
+_S45 = np.uint64(45)  # the next 8 bits: the second-level digit for long runs
+_N_BUCKETS = 2048
 
 
 @numba.njit(cache=True, inline="always")
-def _sort_descending(a, lo, hi):
-    """Sort ``a[lo:hi]`` in descending order (insertion sort for the short runs it is used on)."""
-    if hi - lo > 32:
-        run = np.sort(a[lo:hi])
-        for r in range(hi - lo):
-            a[lo + r] = run[hi - lo - 1 - r]
-        return
+def _insertion_descending(a, lo, hi):
+    """Sort ``a[lo:hi]`` in descending order (cheap on short or nearly sorted runs)."""
     for r in range(lo + 1, hi):
         key = a[r]
         q = r - 1
@@ -144,51 +113,65 @@ def _sort_descending(a, lo, hi):
 
 
 @numba.njit(cache=True)
-def _top_keys(keys, m, k, hist, low, high, out):
+def _sort_run(a, lo, hi, scratch, digits):
+    """Sort ``a[lo:hi]`` (keys sharing their radix bucket) in descending order: short runs by insertion; long ones
+    first by a counting sort on the next 8 bits, which leaves only equal-digit neighbours for the insertion pass."""
+    if hi - lo > 24:
+        digits[:] = 0
+        for r in range(lo, hi):
+            digits[255 - np.int64((a[r] >> _S45) & np.uint64(255))] += 1
+        start = 0
+        for d in range(256):
+            c = digits[d]
+            digits[d] = start
+            start += c
+        for r in range(lo, hi):
+            d = 255 - np.int64((a[r] >> _S45) & np.uint64(255))
+            scratch[digits[d]] = a[r]
+            digits[d] += 1
+        for r in range(hi - lo):
+            a[lo + r] = scratch[r]
+    _insertion_descending(a, lo, hi)
+
+
+@numba.njit(cache=True)
+def _top_keys(keys, m, k, hist, low, high, out, candidates, scratch, digits):
     """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``.
 
-    ``hist[low:high + 1]`` holds the number of keys per bucket of their top 11 bits (for positive float32 values:
-    the exponent and two mantissa bits). The buckets above the one holding the k-th largest key are taken whole and
-    scattered into place bucket by bucket (each short run then sorted); only the boundary bucket needs a selection.
+    ``hist[low:high + 1]`` holds the number of keys per radix bucket (their top 11 bits). The bucket of the k-th
+    largest key (the cut) follows from the counts; the keys in it or above are copied out without branches, placed
+    bucket by bucket (largest first), and each run is sorted (:func:`_sort_run`); the first ``k`` are the answer.
     ``hist`` is left zeroed.
     """
-    if k <= 0:
-        for b in range(low, high + 1):
-            hist[b] = 0
-        return
-    seen = 0
-    cut = high
-    while seen + hist[cut] < k:
-        seen += hist[cut]
-        cut -= 1
-    pool = np.empty(hist[cut], dtype=np.uint64)
-    start = 0
-    for b in range(high, cut, -1):  # bucket counts -> write cursors, largest bucket first
-        c = hist[b]
-        hist[b] = start
-        start += c
-    n_pool = 0
-    for r in range(m):
-        key = keys[r]
-        b = np.int64(key >> _S53)
-        if b > cut:
+    if k > 0:
+        seen = 0
+        cut = high
+        while seen + hist[cut] < k:
+            seen += hist[cut]
+            cut -= 1
+        cut_key = np.uint64(cut) << _S53
+        n = 0
+        for r in range(m):
+            key = keys[r]
+            candidates[n] = key
+            n += 1 if key >= cut_key else 0
+        start = 0
+        for b in range(high, cut - 1, -1):  # bucket counts -> write cursors, largest bucket first
+            c = hist[b]
+            hist[b] = start
+            start += c
+        for r in range(n):
+            key = candidates[r]
+            b = np.int64(key >> _S53)
             out[hist[b]] = key
             hist[b] += 1
-        elif b == cut:
-            pool[n_pool] = key
-            n_pool += 1
-    start = 0
-    for b in range(high, cut, -1):  # the cursors now mark the ends of the runs
-        _sort_descending(out, start, hist[b])
-        start = hist[b]
+        start = 0
+        for b in range(high, cut - 1, -1):  # the cursors now mark the ends of the runs
+            if start < k:
+                _sort_run(out, start, hist[b], scratch, digits)
+            start = hist[b]
     for b in range(low, high + 1):
         hist[b] = 0
-    need = k - seen
-    if need < n_pool:
-        _select_largest(pool, need)
-    for r in range(need):
-        out[seen + r] = pool[n_pool - need + r]
-    _sort_descending(out, seen, k)
 
 
 @numba.njit(cache=True)
@@ -225,9 +208,10 @@ def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, to
 @numba.njit(cache=True)
 def _encode(
     indptr, indices, data, col_map, totals, medians, cell_seeds, candidates, candidate_mask,
-    top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64,
+    top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64, detected,
 ):
-    """Encode every cell into the flat outputs (cell ``i`` ends up in ``[offsets[i], offsets[i + 1])``).
+    """Encode every cell into the flat outputs (cell ``i`` ends up in ``[offsets[i], offsets[i + 1])``); ``detected[i]``
+    gets the number of the cell's detected genes.
 
     Per cell, one pass over its stored entries builds a uint64 key per detected gene (the float32 bits of ``v``,
     monotonic for ``v > 0``, in the high word; the complemented token id in the low word, so "key descending" means
@@ -245,8 +229,11 @@ def _encode(
         max_nnz = max(max_nnz, indptr[i + 1] - indptr[i])
     keys = np.empty(max_nnz, dtype=np.uint64)
     top = np.empty(max_nnz, dtype=np.uint64)
+    chosen = np.empty(max_nnz, dtype=np.uint64)
+    scratch = np.empty(max_nnz, dtype=np.uint64)
+    digits = np.zeros(256, dtype=np.int64)
     ids = np.empty(max_nnz, dtype=np.int64)
-    hist = np.zeros(2048, dtype=np.int64)
+    hist = np.zeros(_N_BUCKETS, dtype=np.int64)
     one = np.zeros(1, dtype=np.float32)
     one_bits = one.view(np.uint32)  # reinterpret float32 <-> uint32 through a one-element buffer
     pos = 0
@@ -270,7 +257,7 @@ def _encode(
                     n_free -= 1
         else:
             m = 0
-            low, high = 2048, -1
+            low, high = _N_BUCKETS, -1
             scale = target_sum / totals[i] if hi > lo else 0.0
             for j in range(lo, hi):
                 g = col_map[indices[j]]
@@ -287,13 +274,14 @@ def _encode(
                     if candidate_mask[g]:
                         n_free -= 1
             k = min(top_k, m)
-            _top_keys(keys, m, k, hist, low, high, top)
+            _top_keys(keys, m, k, hist, low, high, top, chosen, scratch, digits)
             for r in range(k):
                 key = top[r]
                 out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
                 one_bits[0] = np.uint32(key >> _S32)
                 out_values[pos] = one[0]
                 pos += 1
+        detected[i] = m
         for p in range(start, pos):
             out_zero[p] = 0
         # sample zero-expressed candidates without replacement
@@ -392,6 +380,41 @@ def rank_encode(
     Returns:
         :class:`RankTokens` holding ``<cls>``, the ranked detected genes, the sampled zeros and ``<eos>`` per cell.
     """
+    return encode_chunk(indptr, indices, data, totals, medians, top_k=top_k, n_zeros=n_zeros,
+                        zero_candidates=zero_candidates, cell_seeds=cell_seeds, cls_id=cls_id, eos_id=eos_id,
+                        target_sum=target_sum, rank_dtype=rank_dtype, col_map=col_map)[0]
+
+
+@numba.njit(cache=True, nogil=True)
+def _bounds(a):
+    """``(min, max)`` of a non-empty integer array in one pass."""
+    lo = a[0]
+    hi = a[0]
+    for v in a:
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+def encode_chunk(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    totals: np.ndarray,
+    medians: np.ndarray,
+    *,
+    top_k: int,
+    n_zeros: int = 0,
+    zero_candidates: np.ndarray | None = None,
+    cell_seeds: np.ndarray | None = None,
+    cls_id: int | None = None,
+    eos_id: int | None = None,
+    target_sum: float = 10_000.0,
+    rank_dtype: type = np.float32,
+    col_map: np.ndarray | None = None,
+) -> tuple[RankTokens, np.ndarray]:
+    """:func:`rank_encode`, also returning each cell's number of detected genes (int64), so that a caller can drop
+    cells without any (whose encoding holds only special tokens and sampled zeros)."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = _native(indices, _INDEX_TYPES, np.int64)
     data = _native(data, _DATA_TYPES, np.float64)
@@ -405,20 +428,23 @@ def rank_encode(
     if n_cells and np.any(totals[np.diff(indptr) > 0] <= 0):
         raise ValueError("every cell with detected genes needs a positive total count")
     vocab_size = len(medians)
+    low, high = _bounds(indices) if len(indices) else (0, -1)
     if col_map is None:
-        if len(indices) and (indices.min() < 0 or indices.max() >= vocab_size):
-            raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{indices.min()}, {indices.max()}]")
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{low}, {high}]")
         col_map = np.arange(max(vocab_size, 1), dtype=np.int64)
     else:
         col_map = np.ascontiguousarray(col_map, dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(col_map)):
+        if low < 0 or high >= len(col_map):
             raise ValueError(f"indices must lie in [0, {len(col_map)}) (the length of col_map)")
         if len(col_map) and (col_map.min() < -1 or col_map.max() >= vocab_size):
             raise ValueError(f"col_map values must lie in [-1, {vocab_size})")
     if n_zeros > 0:
         if zero_candidates is None or cell_seeds is None:
             raise ValueError("n_zeros > 0 needs zero_candidates and cell_seeds")
-        candidates = np.unique(np.asarray(zero_candidates, dtype=np.int64))
+        candidates = np.asarray(zero_candidates, dtype=np.int64)
+        if len(candidates) > 1 and not np.all(candidates[1:] > candidates[:-1]):  # usually sorted already
+            candidates = np.unique(candidates)
         seeds = np.ascontiguousarray(cell_seeds, dtype=np.uint64)
         if seeds.shape != (n_cells,):
             raise ValueError(f"cell_seeds has shape {seeds.shape}, expected ({n_cells},)")
@@ -437,14 +463,15 @@ def rank_encode(
     out_ids = np.empty(bound, dtype=np.int32)
     out_values = np.empty(bound, dtype=np.float32)
     out_zero = np.empty(bound, dtype=np.int8)
+    detected = np.zeros(n_cells, dtype=np.int64)
     _encode(
         indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, int(top_k), int(n_zeros),
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
-        offsets, out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64),
+        offsets, out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64), detected,
     )
     n_tokens = int(offsets[-1])
     out_ids, out_values, out_zero = out_ids[:n_tokens], out_values[:n_tokens], out_zero[:n_tokens]
-    return RankTokens(out_ids, out_values, out_zero, offsets)
+    return RankTokens(out_ids, out_values, out_zero, offsets), detected
 
 
 def encode_count_rows(

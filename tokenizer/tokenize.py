@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .encode import mix_seeds, rank_encode
+from .encode import encode_chunk, mix_seeds
 from .errors import InputError
 from .geneformer import GeneformerDicts, geneformer_settings, load_geneformer_dicts
 from .io import (
@@ -191,32 +191,43 @@ def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType]
     return _Context(info, source, plan, candidates, file_key(source.name), obs_names, obs)
 
 
+def _subset_rows(keep: np.ndarray, rows, indptr, indices, data, totals) -> tuple:
+    """The rows of a CSR block where ``keep`` is true."""
+    stored = np.diff(indptr)
+    entry_keep = np.repeat(keep, stored)
+    new_indptr = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(stored[keep], out=new_indptr[1:])
+    return rows[keep], new_indptr, indices[entry_keep], data[entry_keep], totals[keep]
+
+
 def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Schema, counters: dict
                   ) -> pa.RecordBatch | None:
-    detected = chunk.detected
-    no_counts = chunk.totals <= 0
-    no_genes = ~no_counts & (detected == 0)
-    keep = ~(no_counts | no_genes)
-    counters["skipped_zero_counts"] += int(no_counts.sum())
-    counters["skipped_no_vocabulary_genes"] += int(no_genes.sum())
-    rows = chunk.rows[keep]
-    if len(rows) == 0:
+    block = (chunk.rows, chunk.indptr, chunk.indices, chunk.data, chunk.totals)
+    has_counts = chunk.totals > 0
+    counters["skipped_zero_counts"] += int((~has_counts).sum())
+    if not has_counts.all():
+        block = _subset_rows(has_counts, *block)
+
+    def encode(block):
+        rows, indptr, indices, data, totals = block
+        seeds = mix_seeds(spec.seed, cell_keys(ctx.key, rows)) if spec.n_zeros > 0 else None
+        return encode_chunk(
+            indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
+            zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
+            cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
+            col_map=chunk.col_map,
+        )
+
+    if len(block[0]) == 0:
         return None
-    indptr, indices, data, totals = chunk.indptr, chunk.indices, chunk.data, chunk.totals
-    if not keep.all():
-        stored = np.diff(indptr)
-        entry_keep = np.repeat(keep, stored)
-        indices, data = indices[entry_keep], data[entry_keep]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(stored[keep], out=indptr[1:])
-        totals = totals[keep]
-    seeds = mix_seeds(spec.seed, cell_keys(ctx.key, rows)) if spec.n_zeros > 0 else None
-    tokens = rank_encode(
-        indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
-        zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
-        cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
-        col_map=chunk.col_map,
-    )
+    tokens, detected = encode(block)
+    if not (detected > 0).all():  # cells with counts but no vocabulary gene are skipped too (rare: encode again)
+        counters["skipped_no_vocabulary_genes"] += int((detected == 0).sum())
+        block = _subset_rows(detected > 0, *block)
+        if len(block[0]) == 0:
+            return None
+        tokens, _ = encode(block)
+    rows, indptr, indices, data, totals = block
     lengths = tokens.lengths
     counters["written"] += len(rows)
     counters["tokens"] += int(tokens.offsets[-1])
