@@ -179,6 +179,29 @@ def test_counters_carry_past_65535():
     np.testing.assert_allclose(sketch.medians()[2], 2 / 40 * 1e4, rtol=0.005)
 
 
+def test_fitting_counters_carry_through_all_three_parts():
+    """Fitting keeps each 32-bit counter as a uint8 low byte, uint16 middle and uint8 top byte; increments carry
+    from one part into the next, and the rows the kernel reports cover every row it wrote to."""
+    from tokenizer.sketch import _LOG_TABLE, accumulate_rows
+
+    sketch = QuantileSketch(3)
+    shape = sketch.counts.shape
+    low, mid, top = np.zeros(shape, np.uint8), np.zeros(shape, np.uint16), np.zeros(shape, np.uint8)
+    n = 1000  # every cell: gene 1 with count 2 and library size 40, so one bucket b
+    b = int(sketch.bucket_index(np.array([2 / 40 * 1e4]))[0])
+    low[b, 1], mid[b, 1] = 100, 65535  # 100 + 65535 * 256: 156 increments from a carry into the top byte
+    touched = np.array([shape[0], -1, shape[0], -1, 0])
+    used, carries = accumulate_rows(
+        np.arange(n + 1), np.zeros(n, np.int32), np.full(n, 2, np.int32), np.array([1]), np.full(n, 40.0),
+        np.arange(n, dtype=np.uint64), np.full(n, -1), 1e4, sketch.inv_log_gamma, sketch.offset, low, mid, top,
+        np.zeros((4, 3), np.int64), np.uint64(0), np.zeros((0, 3), bool), np.zeros(4, np.int64),
+        profile_table(sketch), _LOG_TABLE, touched)
+    assert used == n and carries == 4  # 100 + 1000 = 1100 = 4 * 256 + 76
+    value = int(low[b, 1]) + (int(mid[b, 1]) << 8) + (int(top[b, 1]) << 24)
+    assert value == 100 + 65535 * 256 + n and top[b, 1] == 1 and mid[b, 1] == 3 and low[b, 1] == 76
+    assert touched[0] <= b <= touched[1] and touched[2] == touched[3] == b and touched[4] == 1
+
+
 def test_projection_sketch_equals_a_direct_reference(corpus):
     paths, adatas = corpus
     state = accumulate_statistics(paths[:1], sketch_dim=16, seed=5, progress=False)

@@ -208,15 +208,18 @@ def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, to
 @numba.njit(cache=True)
 def _encode(
     indptr, indices, data, col_map, totals, medians, cell_seeds, candidates, candidate_mask,
-    top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64, detected,
+    top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64, detected, dense,
 ):
     """Encode every cell into the flat outputs (cell ``i`` ends up in ``[offsets[i], offsets[i + 1])``); ``detected[i]``
     gets the number of the cell's detected genes.
 
-    Per cell, one pass over its stored entries builds a uint64 key per detected gene (the float32 bits of ``v``,
-    monotonic for ``v > 0``, in the high word; the complemented token id in the low word, so "key descending" means
-    "v descending, then token id ascending"), counts the keys per radix bucket and counts the detected zero-sampling
-    candidates; :func:`_top_keys` then picks and sorts the winners.
+    Per cell, a first pass works out every detected gene's token id and float32 value ``v`` (``dense``: every stored
+    value is positive; as long as every column met also maps to a token id, there is nothing to skip and the loops
+    vectorise; after the first row with an unmapped column, entries are checked one by one); a second
+    builds a uint64 key per gene (the float32 bits of ``v``, monotonic for ``v > 0``, in the high word; the
+    complemented token id in the low word, so "key descending" means "v descending, then token id ascending") and
+    counts the keys per radix bucket; a third marks the genes and counts the detected zero-sampling candidates.
+    :func:`_top_keys` then picks and sorts the winners.
     """
     n_cells = indptr.shape[0] - 1
     vocab_size = candidate_mask.shape[0]
@@ -233,6 +236,8 @@ def _encode(
     scratch = np.empty(max_nnz, dtype=np.uint64)
     digits = np.zeros(256, dtype=np.int64)
     ids = np.empty(max_nnz, dtype=np.int64)
+    values = np.empty(max_nnz, dtype=np.float32)
+    value_bits = values.view(np.uint32)
     hist = np.zeros(_N_BUCKETS, dtype=np.int64)
     one = np.zeros(1, dtype=np.float32)
     one_bits = one.view(np.uint32)  # reinterpret float32 <-> uint32 through a one-element buffer
@@ -256,23 +261,38 @@ def _encode(
                 if candidate_mask[ids[r]]:
                     n_free -= 1
         else:
-            m = 0
-            low, high = _N_BUCKETS, -1
             scale = target_sum / totals[i] if hi > lo else 0.0
-            for j in range(lo, hi):
-                g = col_map[indices[j]]
-                if data[j] > 0 and g >= 0:
-                    one[0] = np.float32(data[j] * scale / medians[g])
-                    key = (np.uint64(one_bits[0]) << _S32) | (_LOW32 - np.uint64(g))
-                    keys[m] = key
-                    b = np.int64(key >> _S53)
-                    hist[b] += 1
-                    low = min(low, b)
-                    high = max(high, b)
-                    m += 1
-                    taken[g] = stamp
-                    if candidate_mask[g]:
-                        n_free -= 1
+            mapped = dense
+            if dense:
+                m = hi - lo
+                for r in range(m):
+                    g = col_map[indices[lo + r]]
+                    ids[r] = g
+                    mapped &= g >= 0
+                if mapped:
+                    for r in range(m):
+                        values[r] = np.float32(data[lo + r] * scale / medians[ids[r]])
+                else:  # a column outside the vocabulary: skip entries from here on
+                    dense = False
+            if not mapped:
+                m = 0
+                for j in range(lo, hi):
+                    g = col_map[indices[j]]
+                    if data[j] > 0 and g >= 0:
+                        values[m] = np.float32(data[j] * scale / medians[g])
+                        ids[m] = g
+                        m += 1
+            low, high = _N_BUCKETS, -1
+            for r in range(m):
+                key = (np.uint64(value_bits[r]) << _S32) | (_LOW32 - np.uint64(ids[r]))
+                keys[r] = key
+                b = np.int64(key >> _S53)
+                hist[b] += 1
+                low = min(low, b)
+                high = max(high, b)
+            for r in range(m):
+                taken[ids[r]] = stamp
+                n_free -= candidate_mask[ids[r]]
             k = min(top_k, m)
             _top_keys(keys, m, k, hist, low, high, top, chosen, scratch, digits)
             for r in range(k):
@@ -386,6 +406,15 @@ def rank_encode(
 
 
 @numba.njit(cache=True, nogil=True)
+def _all_positive(a):
+    """Whether every value is > 0 (False for NaN)."""
+    ok = True
+    for v in a:
+        ok &= v > 0
+    return ok
+
+
+@numba.njit(cache=True, nogil=True)
 def _bounds(a):
     """``(min, max)`` of a non-empty integer array in one pass."""
     lo = a[0]
@@ -468,6 +497,7 @@ def encode_chunk(
         indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, int(top_k), int(n_zeros),
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
         offsets, out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64), detected,
+        bool(_all_positive(data)),
     )
     n_tokens = int(offsets[-1])
     out_ids, out_values, out_zero = out_ids[:n_tokens], out_values[:n_tokens], out_zero[:n_tokens]

@@ -275,35 +275,44 @@ _SMALL_COUNTS = 32  # per cell, the bucket of every integer count below this is 
 @numba.njit(cache=True)
 def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
                 low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table):
-    """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
-    counters that wrapped past 65,535 (see :func:`accumulate_rows`, which also reports the rows it touched)."""
-    touched = np.array([low.shape[0], -1], dtype=np.int64)
+    """Add a chunk of cells to 32-bit counters kept as two uint16 halves ``low`` and ``high`` (see
+    :func:`combine_halves`); returns the number of cells used (``totals > 0``) and the number of counters that
+    wrapped past 65,535. The layout :func:`accumulate_rows` fills, with the top byte of a 48-bit counter unused."""
+    top = np.zeros(low.shape, dtype=np.uint8)
+    touched = np.array([low.shape[0], -1, low.shape[0], -1, 0], dtype=np.int64)
     return accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma,
-                           offset, low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched)
+                           offset, low, high, top, proj, proj_base, donor_detected, sign_sum, profile, log_table,
+                           touched)
 
 
 @numba.njit(cache=True)
 def accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
-                    low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched):
+                    low, mid, top, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched):
     """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
-    counters that wrapped past 65,535. ``touched`` (``[first, last]`` histogram row) is widened to cover every row
-    written to.
+    carries out of ``low``.
 
-    The histogram counters are 32-bit, kept as two uint16 tables ``low`` and ``high`` (see :func:`combine_halves`):
-    only the low half is touched on every increment.
+    Each histogram counter is split over three tables of the same shape: ``low`` (uint8 in fitting; its bytes are
+    the only ones touched on most increments), ``mid`` (uint16, one increment per wrap of ``low``) and ``top``
+    (uint8, one per wrap of ``mid``; may be empty when it cannot be reached). The counter is
+    ``low + mid << bits(low) + top << (bits(low) + 16)``. A one-byte hot table is half the memory traffic of a
+    two-byte one, which is what the increments cost (the rows a cell touches stay in cache); the pages of ``mid``
+    are touched only where a counter passes 255 and those of ``top`` practically never, so memory stays flat as the
+    corpus grows. ``touched`` is widened to ``[first, last]`` row written in ``low``, then in ``mid``, and counts the
+    increments of ``top`` (``touched[4]``).
 
-    ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). Both tables are
-    laid out so that one cell touches few rows, in gene order: ``low[bucket, gene]`` (a cell's entries with the
-    same count share a bucket) and ``proj[coordinate, gene]`` (a cell has one coordinate). A cell's bucket and
-    signed profile value of every integer count below ``_SMALL_COUNTS`` (almost all entries of UMI data) are worked
-    out once per cell with the same arithmetic as for any other value, so an entry costs two table lookups and two
-    increments. Detection counts and profile sums are not accumulated: they follow from the histogram.
+    ``indices`` are file columns mapped to genes through ``col_map`` (-1: not a corpus gene). The tables are laid
+    out so that one cell touches few rows, in gene order: ``low[bucket, gene]`` (a cell's entries with the same count
+    share a bucket) and ``proj[coordinate, gene]`` (a cell has one coordinate). A cell's bucket and signed profile
+    value of every integer count below ``_SMALL_COUNTS`` (almost all entries of UMI data) are worked out once per
+    cell with the same arithmetic as for any other value, so an entry costs two table lookups and two increments.
+    Detection counts and profile sums are not accumulated: they follow from the histogram.
     """
     n_rows = indptr.shape[0] - 1
     n_buckets = low.shape[0]
     dim = proj.shape[0]
+    low_mask = (1 << (8 * low.itemsize)) - 1
     used = 0
-    wrapped = 0
+    carries = 0
     first, last = touched[0], touched[1]
     small_bucket = np.empty(_SMALL_COUNTS, dtype=np.int64)
     small_profile = np.empty(_SMALL_COUNTS, dtype=np.int64)
@@ -342,25 +351,31 @@ def accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, t
                 p = -profile[b] if negative else profile[b]
                 first = min(first, b)
                 last = max(last, b)
-            c = (np.int64(low[b, g]) + 1) & 0xFFFF
+            c = (np.int64(low[b, g]) + 1) & low_mask
             low[b, g] = c
-            if c == 0:  # wrapped past 65,535: carry into the high half
-                high[b, g] += 1
-                wrapped += 1
+            if c == 0:  # low wrapped: carry
+                carries += 1
+                touched[2] = min(touched[2], b)
+                touched[3] = max(touched[3], b)
+                c = (np.int64(mid[b, g]) + 1) & 0xFFFF
+                mid[b, g] = c
+                if c == 0:
+                    top[b, g] += 1
+                    touched[4] += 1
             if dim > 0:
                 proj[coord, g] += p
             if donor >= 0:
                 donor_detected[donor, g] = True
     touched[0], touched[1] = first, last
-    return used, wrapped
+    return used, carries
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_rows(out, low, first, last):
-    """``out[first:last + 1] += low[first:last + 1]`` (a wide counter table and a uint16 one)."""
+def _add_rows(out, part, first, last, g0, g1, shift):
+    """``out[first:last + 1, g0:g1] += part[first:last + 1, g0:g1] << shift`` (counter tables)."""
     for b in range(first, last + 1):
-        for g in range(out.shape[1]):
-            out[b, g] += low[b, g]
+        for g in range(g0, g1):
+            out[b, g] += np.uint64(part[b, g]) << np.uint64(shift)
 
 
 def combine_halves(low: np.ndarray, high: np.ndarray) -> np.ndarray:

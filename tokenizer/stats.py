@@ -300,7 +300,8 @@ class _FitJob:
 
 
 class _Tables:
-    """The two big tables one worker fills: the low halves of the histogram counters and the projection sums.
+    """The big tables one worker fills: the low bytes and middle 16 bits of the histogram counters (see
+    :func:`~tokenizer.sketch.accumulate_rows`) and the projection sums.
 
     Forked workers fill tables in memory shared with the parent (anonymous shared mappings made before the fork),
     so nothing big is pickled back; otherwise they are private arrays, returned with the results. Only the
@@ -308,7 +309,8 @@ class _Tables:
     """
 
     def __init__(self, n_buckets: int, n_genes: int, dim: int, shared: bool):
-        self.low = _zeros((n_buckets, n_genes), np.uint16, shared)
+        self.low = _zeros((n_buckets, n_genes), np.uint8, shared)
+        self.mid = _zeros((n_buckets, n_genes), np.uint16, shared)
         self.proj = _zeros((dim, n_genes), np.int64, shared)
 
 
@@ -332,8 +334,8 @@ class _FitPart:
 
     tables: _Tables | None  # None: in _SHARED_TABLES[slot]
     slot: int | None
-    rows: tuple[int, int]  # first and last histogram row written to (first > last: none)
-    high: tuple[np.ndarray, np.ndarray]  # flat positions and values of the counters' non-zero high halves
+    rows: tuple[int, int, int, int]  # first and last row written to in the low, then the middle table
+    top: tuple[np.ndarray, np.ndarray]  # flat positions and values of the counters' non-zero top bytes
     measured: dict[int, np.ndarray]  # per input: the positions of the genes its matrix has
     pending: dict[int, list]  # per input: cells used and the per-coordinate sum of their projection signs
     per_input: dict[int, dict]  # per input: cells used and skipped
@@ -355,13 +357,12 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
     profile = profile_table(sketch)
     shared = job.slot is not None and _SHARED_TABLES is not None
     tables = _SHARED_TABLES[job.slot] if shared else _Tables(sketch.n_buckets, len(job.gene_ids), dim, False)
-    # The kernel counts into two uint16 tables, the low and high halves of 32-bit counters: the hot low half is
-    # half the memory traffic of uint32 (the rows a cell touches stay in cache), and the pages of the high half are
-    # only ever touched where a counter passes 65,535 (memory stays flat as the corpus grows).
-    low, proj = tables.low, tables.proj
-    high = np.zeros(low.shape, dtype=np.uint16)
-    touched = np.array([sketch.n_buckets, -1], dtype=np.int64)
-    wraps = 0
+    # 32-bit counters in three parts: the hot low byte is a quarter of the memory traffic of uint32 (the rows a
+    # cell touches stay in cache), the middle 16 bits are touched only where a counter passes 255, the top byte
+    # practically never (memory stays flat as the corpus grows).
+    low, mid, proj = tables.low, tables.mid, tables.proj
+    top = np.zeros(low.shape, dtype=np.uint8)
+    touched = np.array([sketch.n_buckets, -1, sketch.n_buckets, -1, 0], dtype=np.int64)
     opened: dict[int, tuple] = {}
     pending: dict[int, list] = {}
     per_input: dict[int, dict] = {}
@@ -390,12 +391,11 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             for chunk in iter_chunks(source, plan, start, stop, job.chunk_size, labels, remap=plan.merge):
                 sign_sum[:] = 0
                 chunk_codes = codes[chunk.start:chunk.start + chunk.n_rows]
-                used, wrapped = accumulate_rows(
+                used, _ = accumulate_rows(
                     chunk.indptr, chunk.indices, chunk.data, chunk.col_map, chunk.totals, cell_keys(key, chunk.rows),
                     chunk_codes, float(cfg["target_sum"]), sketch.inv_log_gamma, sketch.offset,
-                    low, high, proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE, touched,
+                    low, mid, top, proj, proj_base, state.donor_detected, sign_sum, profile, _LOG_TABLE, touched,
                 )
-                wraps += wrapped
                 if used:
                     pending[index][0] += used
                     pending[index][1] += sign_sum
@@ -410,10 +410,10 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             source.close()
     if warmup:
         return None
-    flat = np.flatnonzero(high) if wraps else np.zeros(0, dtype=np.int64)
+    flat = np.flatnonzero(top) if touched[4] else np.zeros(0, dtype=np.int64)
     return _FitPart(
-        tables=None if shared else tables, slot=job.slot if shared else None, rows=(int(touched[0]), int(touched[1])),
-        high=(flat, high.reshape(-1)[flat]), measured={i: o[3] for i, o in opened.items()}, pending=pending,
+        tables=None if shared else tables, slot=job.slot if shared else None, rows=tuple(int(t) for t in touched[:4]),
+        top=(flat, top.reshape(-1)[flat]), measured={i: o[3] for i, o in opened.items()}, pending=pending,
         per_input=per_input, donors=state.donors, donor_detected=state.donor_detected,
         donor_measured=state.donor_measured,
     )
@@ -425,17 +425,24 @@ def _assemble(parts: list[_FitPart], gene_ids: np.ndarray, config: dict) -> FitS
     cells = sum(used for part in parts for used, _ in part.pending.values())
     counts = np.zeros(state.sketch.counts.shape, dtype=np.uint32 if cells < 2**32 else np.uint64)
     tables = [part.tables if part.tables is not None else _SHARED_TABLES[part.slot] for part in parts]
-    for part, table in zip(parts, tables):
-        first, last = part.rows
-        if first <= last:
-            _add_rows(counts, table.low, first, last)
-        flat, high = part.high
-        counts.reshape(-1)[flat] += high.astype(counts.dtype) << 16
+
+    def add_genes(g0: int, g1: int) -> None:  # both tables, over a range of genes (compiled / numpy: no GIL)
+        for part, table in zip(parts, tables):
+            low_first, low_last, mid_first, mid_last = part.rows
+            if low_first <= low_last:
+                _add_rows(counts, table.low, low_first, low_last, g0, g1, 0)
+            if mid_first <= mid_last:
+                _add_rows(counts, table.mid, mid_first, mid_last, g0, g1, 8)
+        if state.proj.size:
+            np.copyto(state.proj[:, g0:g1], tables[0].proj[:, g0:g1])
+            for table in tables[1:]:
+                state.proj[:, g0:g1] += table.proj[:, g0:g1]
+
+    _over_gene_ranges(add_genes, len(gene_ids), 2 if len(parts) > 1 else 1)
+    for part in parts:
+        flat, top = part.top
+        counts.reshape(-1)[flat] += top.astype(counts.dtype) << 24
     state.sketch.counts = counts
-    if state.proj.size:
-        np.copyto(state.proj, tables[0].proj)
-        for table in tables[1:]:
-            state.proj += table.proj
     # every cell used from a file counts for all the genes the file measures: add those once per file
     per_file: dict[int, list] = {}
     for part in parts:
@@ -455,6 +462,19 @@ def _assemble(parts: list[_FitPart], gene_ids: np.ndarray, config: dict) -> FitS
         state.donor_detected[rows] |= part.donor_detected
         state.donor_measured[rows] |= part.donor_measured
     return state
+
+
+def _over_gene_ranges(fn: Callable[[int, int], None], n_genes: int, n_threads: int) -> None:
+    """``fn(g0, g1)`` over ``n_threads`` contiguous ranges of genes at once (fn must release the GIL to gain)."""
+    bounds = np.linspace(0, n_genes, n_threads + 1).astype(int)
+    if n_threads <= 1:
+        fn(0, n_genes)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        for future in [pool.submit(fn, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+            future.result()
 
 
 def _describe_input(item, index: int) -> str:
