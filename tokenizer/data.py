@@ -3,7 +3,8 @@
 ``pbmc68k_reduced`` ships inside scanpy (no download). Its ``.raw`` holds ``log1p(counts / n_counts * 10_000)`` for
 765 genes and ``obs['n_counts']`` the library sizes, so ``round(expm1(raw) * n_counts / 10_000)`` recovers the
 integer counts (the relative rounding residue, at most 4e-4, is checked below). Cell types are ``obs['bulk_labels']``,
-copied to ``obs['cell_type']`` for the project's defaults.
+copied to ``obs['cell_type']`` for the project's defaults. ``obs['split']`` marks a fixed, stratified 80/20
+``train``/``test`` split (seed 0) so the quick start can fine-tune and evaluate on cells it did not train on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,19 @@ def pbmc68k_counts() -> ad.AnnData:
     X.eliminate_zeros()
     obs = reduced.obs[["bulk_labels", "louvain", "n_counts", "phase"]].copy()
     obs["cell_type"] = obs["bulk_labels"].astype(str).astype("category")
+    obs["split"] = pd.Categorical(_stratified_split(obs["cell_type"].to_numpy(), test_fraction=0.2, seed=0))
     adata = ad.AnnData(X=X, obs=obs, var=reduced.raw.var[[]].copy())
     adata.var["gene_symbol"] = adata.var_names.to_numpy()
     adata.uns["source"] = "scanpy.datasets.pbmc68k_reduced (raw counts recovered from .raw and obs['n_counts'])"
     return adata
+
+
+def _stratified_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> np.ndarray:
+    """'train'/'test' per cell: within each label, a seeded random ``test_fraction`` (at least one cell) is 'test'."""
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_test = max(1, int(round(test_fraction * len(members))))
+        split[rng.choice(members, n_test, replace=False)] = "test"
+    return split
