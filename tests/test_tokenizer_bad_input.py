@@ -56,6 +56,26 @@ def test_non_integer_negative_nan_values(tmp_path, good, value, words):
             fit_statistics([path], None, allow_non_integer=True, progress=False)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_column_index_outside_the_matrix(tmp_path, good, dtype):
+    """A damaged CSR matrix (a stored column index past the last gene) is refused, naming the file and cell."""
+    import h5py
+
+    adata, _, stats = good
+    bad = adata.copy()
+    bad.X = bad.X.astype(dtype)
+    path = _write(tmp_path, bad, "damaged.h5ad")
+    with h5py.File(path, "r+") as f:
+        indptr = f["X/indptr"][:]
+        f["X/indices"][indptr[33] + 1] = 50  # cell 33: column 50 of 50
+    message = r"column index 50 at cell 'cell33' \(row 33\), outside its 50 columns"
+    for run in (lambda: fit_statistics([path], tmp_path / "s", progress=False),
+                lambda: tokenize_files([path], stats, tmp_path / "t", progress=False)):
+        with pytest.raises(CorruptFileError, match=message):
+            run()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
 def test_genes_missing_from_the_vocabulary_are_counted(tmp_path, good):
     adata, _, stats = good
     extra = ad.AnnData(X=sp.csr_matrix(np.ones((80, 3), dtype=np.int32)), obs=adata.obs,

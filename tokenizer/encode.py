@@ -441,9 +441,13 @@ def encode_chunk(
     target_sum: float = 10_000.0,
     rank_dtype: type = np.float32,
     col_map: np.ndarray | None = None,
+    indices_checked: bool = False,
+    positive: bool | None = None,
 ) -> tuple[RankTokens, np.ndarray]:
     """:func:`rank_encode`, also returning each cell's number of detected genes (int64), so that a caller can drop
-    cells without any (whose encoding holds only special tokens and sampled zeros)."""
+    cells without any (whose encoding holds only special tokens and sampled zeros). A caller that has already
+    checked that every index lies within ``col_map`` (``indices_checked``) and whether every value is positive
+    (``positive``) saves those passes over the chunk."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = _native(indices, _INDEX_TYPES, np.int64)
     data = _native(data, _DATA_TYPES, np.float64)
@@ -457,7 +461,7 @@ def encode_chunk(
     if n_cells and np.any(totals[np.diff(indptr) > 0] <= 0):
         raise ValueError("every cell with detected genes needs a positive total count")
     vocab_size = len(medians)
-    low, high = _bounds(indices) if len(indices) else (0, -1)
+    low, high = _bounds(indices) if len(indices) and not (indices_checked and col_map is not None) else (0, -1)
     if col_map is None:
         if low < 0 or high >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{low}, {high}]")
@@ -497,7 +501,7 @@ def encode_chunk(
         indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, int(top_k), int(n_zeros),
         -1 if cls_id is None else int(cls_id), -1 if eos_id is None else int(eos_id), float(target_sum),
         offsets, out_ids, out_values, out_zero, np.dtype(rank_dtype) == np.dtype(np.float64), detected,
-        bool(_all_positive(data)),
+        bool(_all_positive(data)) if positive is None else bool(positive),
     )
     n_tokens = int(offsets[-1])
     out_ids, out_values, out_zero = out_ids[:n_tokens], out_values[:n_tokens], out_zero[:n_tokens]

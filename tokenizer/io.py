@@ -411,54 +411,70 @@ def duplicated_targets(col_map: np.ndarray) -> np.ndarray:
 
 # --- numba kernels ----------------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _scan(indptr, data, allow_non_integer):
-    """Row sums over all genes and the position and kind of the first bad value (-1, 0 when all are fine)."""
+def _scan(indptr, indices, data, n_cols, allow_non_integer):
+    """Row sums over all genes, whether every stored value is positive, and the position and kind of the first bad
+    entry (-1, 0 when all are fine; kind 4: a column index outside the matrix)."""
     n = indptr.shape[0] - 1
     totals = np.zeros(n, dtype=np.float64)
+    positive = True
     for i in range(n):
         s = 0.0
         for j in range(indptr[i], indptr[i + 1]):
+            if indices[j] < 0 or indices[j] >= n_cols:
+                return totals, positive, j, 4
             v = np.float64(data[j])
             if not v >= 0.0:  # negative or NaN
-                return totals, j, 2 if v != v else 1
+                return totals, positive, j, 2 if v != v else 1
             if v == np.inf:
-                return totals, j, 2
+                return totals, positive, j, 2
             if not allow_non_integer and v != np.floor(v):
-                return totals, j, 3
+                return totals, positive, j, 3
+            positive &= v > 0.0
             s += v
         totals[i] = s
-    return totals, -1, 0
+    return totals, positive, -1, 0
 
 
 @numba.njit(cache=True)
-def _scan_integers(indptr, data):
+def _scan_integers(indptr, indices, data, n_cols):
     """:func:`_scan` for integer counts of at most 32 bits: only negative values can be bad, and the sums are exact
-    integers (so summing them as int64 gives the float64 sums bit for bit), in a loop the compiler vectorises."""
+    integers (so summing them as int64 gives the float64 sums bit for bit), in loops the compiler vectorises."""
     n = indptr.shape[0] - 1
     totals = np.zeros(n, dtype=np.float64)
+    positive = True
     for i in range(n):
         s = 0
-        low = 0
+        low = 1
+        first_col = 0
+        last_col = 0
         for j in range(indptr[i], indptr[i + 1]):
             v = np.int64(data[j])
             s += v
             low = min(low, v)
-        if low < 0:
+            c = np.int64(indices[j])
+            first_col = min(first_col, c)
+            last_col = max(last_col, c)
+        if low < 0 or first_col < 0 or last_col >= n_cols:
             for j in range(indptr[i], indptr[i + 1]):
+                if indices[j] < 0 or indices[j] >= n_cols:
+                    return totals, positive, j, 4
                 if data[j] < 0:
-                    return totals, j, 1
+                    return totals, positive, j, 1
+        positive &= low > 0
         totals[i] = np.float64(s)
-    return totals, -1, 0
+    return totals, positive, -1, 0
 
 
 _NARROW_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32)}
 
 
-def scan_counts(indptr: np.ndarray, data: np.ndarray, allow_non_integer: bool) -> tuple[np.ndarray, int, int]:
-    """Library sizes of a CSR block and the first bad value (position, kind; ``-1, 0`` when all are fine)."""
+def scan_counts(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int,
+                allow_non_integer: bool) -> tuple[np.ndarray, bool, int, int]:
+    """Library sizes of a CSR block, whether all its stored values are positive, and its first bad entry (position
+    and kind; ``-1, 0`` when all are fine)."""
     if data.dtype in _NARROW_INTEGERS:
-        return _scan_integers(indptr, data)
-    return _scan(indptr, data, allow_non_integer)
+        return _scan_integers(indptr, indices, data, n_cols)
+    return _scan(indptr, indices, data, n_cols, allow_non_integer)
 
 
 # Position of the lowest set bit of a uint64 by de Bruijn multiplication (numba has no count-trailing-zeros).
@@ -535,7 +551,8 @@ class Chunk:
     indices: np.ndarray  # (nnz,) target ids, or file columns
     data: np.ndarray  # (nnz,) counts
     totals: np.ndarray  # (n_rows,) float64 library size; 0 for cells with no counts at all
-    col_map: np.ndarray  # indices -> target ids (-1: not a target)
+    col_map: np.ndarray  # indices -> target ids (-1: not a target); every index lies within it (checked)
+    positive: bool = False  # every stored value is > 0
 
     @property
     def n_rows(self) -> int:
@@ -587,7 +604,8 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
     for a in range(start, stop, chunk_size):
         b = min(a + chunk_size, stop)
         raw = source.read_rows(a, b)
-        totals, bad, kind = scan_counts(raw.indptr, raw.data, plan.allow_non_integer)
+        totals, positive, bad, kind = scan_counts(raw.indptr, raw.indices, raw.data, len(plan.col_map),
+                                                  plan.allow_non_integer)
         if bad >= 0:
             _raise_bad_value(source, raw, int(bad), int(kind), labels)
         if plan.obs_totals is not None:
@@ -602,17 +620,22 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
                 )
             totals = np.where(totals > 0, obs_totals, 0.0)
         if not remap:
-            yield Chunk(a, raw.indptr, raw.indices, raw.data, totals, plan.col_map)
+            yield Chunk(a, raw.indptr, raw.indices, raw.data, totals, plan.col_map, positive)
             continue
         indptr, indices, data = _remap(raw.indptr, raw.indices, raw.data, plan.col_map, plan.n_target, plan.merge,
                                        _DEBRUIJN_TABLE)
-        yield Chunk(a, indptr, indices, data, totals, plan.identity)
+        yield Chunk(a, indptr, indices, data, totals, plan.identity, True)  # remapping drops stored zeros
 
 
 def _raise_bad_value(source: CountSource, raw: RawChunk, pos: int, kind: int, labels: np.ndarray | None) -> None:
     row_in_chunk = int(np.searchsorted(raw.indptr, pos, side="right")) - 1
     row = raw.start + row_in_chunk
     col = int(raw.indices[pos])
+    if kind == 4:
+        raise CorruptFileError(
+            f"{source.name}: the count matrix stores column index {col} at cell {str(source.obs_names()[row])!r} "
+            f"(row {row}), outside its {source.n_vars} columns; the file is damaged"
+        )
     gene = f"{str(labels[col])!r} (column {col})" if labels is not None else f"column {col}"
     cell = str(source.obs_names()[row])
     hint = (

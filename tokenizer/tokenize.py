@@ -215,7 +215,7 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
             indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
             zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
             cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
-            col_map=chunk.col_map,
+            col_map=chunk.col_map, indices_checked=True, positive=chunk.positive,
         )
 
     if len(block[0]) == 0:
