@@ -70,7 +70,9 @@ class CountSource:
     def obs_column(self, key: str) -> pd.Series:
         raise NotImplementedError
 
-    def read_rows(self, start: int, stop: int) -> RawChunk:
+    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
+        """Rows ``[start, stop)``. With ``reuse``, the arrays may be buffers that the next call overwrites (the
+        chunk pipeline consumes each block before reading the next; no fresh memory per block)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -156,6 +158,7 @@ class H5adSource(CountSource):
             self.n_obs, self.n_vars = (int(n) for n in node.attrs["shape"])
             self._data, self._indices, self._indptr = node["data"], node["indices"], node["indptr"]
             self._dense = None
+            self._buffers = None
             if self._indptr.shape[0] != self.n_obs + 1:
                 raise CorruptFileError(f"{self.name}: {matrix_path}/indptr has {self._indptr.shape[0]} entries "
                                        f"for {self.n_obs} cells")
@@ -205,12 +208,22 @@ class H5adSource(CountSource):
     def obs_column(self, key: str) -> pd.Series:
         return pd.Series(self._read(f"obs/{key}"))
 
-    def read_rows(self, start: int, stop: int) -> RawChunk:
+    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
         if self._dense is not None:
             return _dense_to_chunk(start, np.asarray(self._dense[start:stop]))
         indptr = self._indptr[start:stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        return RawChunk(start, indptr - lo, self._indices[lo:hi], self._data[lo:hi])
+        if not reuse or hi == lo:
+            return RawChunk(start, indptr - lo, self._indices[lo:hi], self._data[lo:hi])
+        # read straight into buffers kept across calls: no fresh pages to fault in and zero for every block, which
+        # also leaves the caches to the work done on the block
+        if self._buffers is None or len(self._buffers[0]) < hi - lo:
+            size = int((hi - lo) * 1.25)
+            self._buffers = (np.empty(size, dtype=self._indices.dtype), np.empty(size, dtype=self._data.dtype))
+        indices, data = self._buffers[0][: hi - lo], self._buffers[1][: hi - lo]
+        self._indices.read_direct(indices, np.s_[lo:hi])
+        self._data.read_direct(data, np.s_[lo:hi])
+        return RawChunk(start, indptr - lo, indices, data)
 
     def close(self) -> None:
         self._file.close()
@@ -294,7 +307,7 @@ class AnnDataSource(CountSource):
     def obs_column(self, key: str) -> pd.Series:
         return self.adata.obs[key].reset_index(drop=True)
 
-    def read_rows(self, start: int, stop: int) -> RawChunk:
+    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
         m = self._matrix
         if sp.issparse(m) and m.format == "csr":
             lo, hi = int(m.indptr[start]), int(m.indptr[stop])
@@ -598,12 +611,14 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
 
     ``labels`` (gene names per column) make error messages name the gene; they default to the column number.
     ``remap=False`` leaves the columns unmapped (see :class:`Chunk`); it needs a plan without duplicates to merge.
+    A chunk's ``indices`` and ``data`` may be buffers the next chunk is read into: use (or copy) them before asking
+    for the next one.
     """
     if not remap and plan.merge:
         raise ValueError("duplicate genes must be merged: iterate with remap=True")
     for a in range(start, stop, chunk_size):
         b = min(a + chunk_size, stop)
-        raw = source.read_rows(a, b)
+        raw = source.read_rows(a, b, reuse=True)
         totals, positive, bad, kind = scan_counts(raw.indptr, raw.indices, raw.data, len(plan.col_map),
                                                   plan.allow_non_integer)
         if bad >= 0:
@@ -657,6 +672,6 @@ def read_floor(path: str | os.PathLike, chunk_size: int = 2048, layer: str | Non
     nnz = 0
     with H5adSource(path, layer=layer) as source:
         for a in range(0, source.n_obs, chunk_size):
-            chunk = source.read_rows(a, min(a + chunk_size, source.n_obs))
+            chunk = source.read_rows(a, min(a + chunk_size, source.n_obs), reuse=True)
             nnz += len(chunk.data)
     return nnz
