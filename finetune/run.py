@@ -73,6 +73,7 @@ class FinetuneArgs:
     mlp_hidden: int = field(default=256, metadata={"help": "MLP encoder width"})
     mlp_layers: int = field(default=2, metadata={"help": "MLP encoder depth"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP encoder and heads"})
+    input_dropout: float = field(default=0.0, metadata={"help": "dropout on the MLP encoder's input genes"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the lower N transformer layers; -1 = all"})
     # transformer built from scratch (--model none)
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
@@ -89,6 +90,10 @@ class FinetuneArgs:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
     classification_weight: float = field(default=50.0, metadata={"help": "weight of p(c|z) cross-entropy (VAE)"})
+    class_weighting: Literal["none", "balanced", "sqrt"] = field(default="none", metadata={
+        "help": "cell-type loss weights per class from the training labels: balanced = n / (C * n_c), sqrt = its "
+                "square root (small classes count more, as they do in macro-F1)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cell-type loss"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
@@ -171,7 +176,7 @@ def main(args: FinetuneArgs) -> dict:
                    "max_position_embeddings": max(512, args.top_k + args.n_zeros + 8)}
     head = {"n_latent": args.n_latent, "covariance": args.covariance, "likelihood": args.likelihood,
             "dispersion": args.dispersion, "mlp_hidden": args.mlp_hidden, "mlp_layers": args.mlp_layers,
-            "dropout": args.dropout}
+            "dropout": args.dropout, "input_dropout": args.input_dropout}
     model, table = api.prepare_model(
         args.task, train, model=args.model, encoder=args.encoder, label_key=args.label_key,
         batch_key=args.batch_key, protein_obsm_key=args.protein_obsm_key, gene_id_key=args.gene_id_key,
@@ -185,7 +190,8 @@ def main(args: FinetuneArgs) -> dict:
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, objective=args.objective,
         n_samples=args.n_samples, dreg=args.dreg, kl_warmup_ratio=args.kl_warmup_ratio,
-        classification_weight=args.classification_weight, seed=args.seed,
+        classification_weight=args.classification_weight, class_weighting=args.class_weighting,
+        label_smoothing=args.label_smoothing, seed=args.seed,
     )
     collator = api.token_collator_for(model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -24,6 +24,7 @@ from .data import CellTable, TableCollator, TableDataset, normalize_proteins
 logger = logging.getLogger(__name__)
 
 TASKS = ("cell-type", "vae", "adt")
+CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
 ENCODER_KEYS = ("input_ids", "values", "is_zero", "attention_mask", "log_counts")
 
 
@@ -45,7 +46,18 @@ class TrainSettings:
     kl_warmup_ratio: float = 0.3
     classification_weight: float = 50.0  # scANVI's classification ratio
     validation_fraction: float = 0.1  # training cells held back to pick the best epoch (0: keep the last epoch)
+    # cell-type classifier only: per-class loss weights from the training labels -- "balanced" (n / (C * n_c), every
+    # class counts as much as any other, as macro-F1 does), "sqrt" (its square root: a milder push to small classes)
+    # or "none" -- and label smoothing of the cross-entropy
+    class_weighting: str = "none"
+    label_smoothing: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def model_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, train: bool) -> dict[str, Any]:
@@ -83,16 +95,37 @@ def split_validation(n_cells: int, fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _step_kwargs(model, batch, settings: TrainSettings, *, kl_weight: float, n_obs: int) -> dict[str, Any]:
+def class_weights(labels: np.ndarray, n_classes: int, method: str) -> torch.Tensor | None:
+    """Per-class loss weights from the training cells' labels (-100 = unlabelled, ignored): ``"balanced"`` gives
+    class ``c`` the weight ``n / (C * n_c)`` (every class weighs as much in the loss as any other), ``"sqrt"`` its
+    square root, ``"none"`` returns None. Classes without a training cell get weight 0 (they cannot occur)."""
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {method!r}")
+    if method == "none":
+        return None
+    counts = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    if method == "sqrt":
+        weights = np.sqrt(weights)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _step_kwargs(model, batch, settings: TrainSettings, *, kl_weight: float, n_obs: int,
+                 weights: torch.Tensor | None = None) -> dict[str, Any]:
     kwargs = model_kwargs(model, batch, train=True)
     if isinstance(model, ExpressForVAE):
         kwargs.update(objective=settings.objective, n_samples=settings.n_samples, dreg=settings.dreg,
                       kl_weight=kl_weight, classification_weight=settings.classification_weight, n_obs=n_obs)
+    elif isinstance(model, ExpressForCellTypes):
+        kwargs.update(class_weights=weights, label_smoothing=settings.label_smoothing)
     return kwargs
 
 
 @torch.no_grad()
-def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int, epoch: int) -> float:
+def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int, epoch: int,
+                     weights: torch.Tensor | None = None) -> float:
     model.eval()
     total, count = 0.0, 0
     # a private, seeded random stream: every process draws the same VAE samples, so all pick the same best epoch
@@ -100,7 +133,7 @@ def _validation_loss(model, loader, settings: TrainSettings, device, n_obs: int,
         torch.manual_seed(settings.seed + epoch)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**_step_kwargs(model, batch, settings, kl_weight=1.0, n_obs=n_obs))
+            out = model(**_step_kwargs(model, batch, settings, kl_weight=1.0, n_obs=n_obs, weights=weights))
             if out.loss is not None:
                 n = len(batch["batch_index"])
                 total, count = total + float(out.loss) * n, count + n
@@ -133,6 +166,9 @@ def fit(
     raw_model = accelerator.unwrap_model(model)
     device = next(raw_model.parameters()).device
     is_vae = isinstance(raw_model, ExpressForVAE)
+    weights = None
+    if isinstance(raw_model, ExpressForCellTypes):
+        weights = class_weights(table.labels[train_idx], raw_model.config.num_labels, settings.class_weighting)
     kl_steps = max(int(settings.kl_warmup_ratio * total), 1)
     history: list[dict[str, float]] = []
     best_loss, best_state, best_epoch = math.inf, None, None
@@ -145,7 +181,8 @@ def fit(
         losses, bounds = [], []
         for batch in loader:
             kl_weight = min(1.0, (step + 1) / kl_steps) if settings.objective == "elbo" else 1.0
-            out = model(**_step_kwargs(raw_model, batch, settings, kl_weight=kl_weight, n_obs=len(train_idx)))
+            out = model(**_step_kwargs(raw_model, batch, settings, kl_weight=kl_weight, n_obs=len(train_idx),
+                                       weights=weights))
             if out.loss is None:
                 continue  # e.g. a batch without any labelled cell for the classifier
             accelerator.backward(out.loss)
@@ -168,7 +205,7 @@ def fit(
         # pick the best epoch on held-back training cells; for the VAE only once the KL weight has reached 1
         if val_loader is not None and (not is_vae or step >= kl_steps):
             record["validation_loss"] = _validation_loss(raw_model, val_loader, settings, device, len(train_idx),
-                                                         epoch)
+                                                         epoch, weights)
             if record["validation_loss"] < best_loss:
                 best_loss, best_epoch = record["validation_loss"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}

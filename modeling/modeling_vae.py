@@ -89,14 +89,19 @@ def _mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequenti
 
 
 class MLPCellEncoder(nn.Module):
-    """The scVI-like baseline encoder: an MLP on ``log1p(counts / library * 1e4)`` of a fixed gene list."""
+    """The scVI-like baseline encoder: an MLP on ``log1p(counts / library * 1e4)`` of a fixed gene list.
 
-    def __init__(self, n_genes: int, n_hidden: int = 256, n_layers: int = 2, dropout: float = 0.1):
+    ``input_dropout`` zeroes each input gene with that probability during training (and rescales the rest), so the
+    encoder cannot lean on a few genes -- a regulariser against donor- or batch-specific markers."""
+
+    def __init__(self, n_genes: int, n_hidden: int = 256, n_layers: int = 2, dropout: float = 0.1,
+                 input_dropout: float = 0.0):
         super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
         self.net = _mlp(n_genes, n_hidden, n_layers, dropout)
 
     def forward(self, log_counts: torch.Tensor) -> torch.Tensor:
-        return self.net(log_counts)  # (B, H)
+        return self.net(self.input_dropout(log_counts))  # (B, H)
 
 
 class GaussianPosterior(nn.Module):
@@ -465,6 +470,7 @@ class HeadSettings:
             ``"mlp"`` (an MLP on ``log1p(counts / library * 1e4)`` of ``input_genes``).
         input_genes: the MLP encoder's genes, in input order.
         mlp_hidden, mlp_layers, dropout: the MLP encoder (and the dropout before every head).
+        input_dropout: dropout on the MLP encoder's input genes (0: off).
         decoder_genes: genes the VAE decoder reconstructs.
         n_latent, decoder_hidden, decoder_layers, covariance, likelihood, dispersion, prior: see :class:`VAEHead`.
         label_parents: coarse type per cell type (hyperprior over the mixture means), or ``None``.
@@ -483,6 +489,7 @@ class HeadSettings:
     mlp_hidden: int = 256
     mlp_layers: int = 2
     dropout: float = 0.1
+    input_dropout: float = 0.0
     decoder_genes: list[str] = field(default_factory=list)
     n_latent: int = 16
     decoder_hidden: int = 128
@@ -542,7 +549,7 @@ class ExpressFinetunePreTrainedModel(ExpressPreTrainedModel):
             self.embedding_size = config.hidden_size
         else:
             s = self.settings
-            self.express = MLPCellEncoder(len(s.input_genes), s.mlp_hidden, s.mlp_layers, s.dropout)
+            self.express = MLPCellEncoder(len(s.input_genes), s.mlp_hidden, s.mlp_layers, s.dropout, s.input_dropout)
             self.embedding_size = s.mlp_hidden
 
     @torch.no_grad()
@@ -601,12 +608,21 @@ class ExpressForCellTypes(ExpressFinetunePreTrainedModel):
         self.classifier = nn.Linear(self.embedding_size, config.num_labels)
         self.post_init()
 
-    def forward(self, labels: torch.Tensor | None = None, **inputs) -> SequenceClassifierOutput:
-        """``inputs``: those of :meth:`embed`; ``labels`` (B,) class ids, -100 = unlabelled (ignored)."""
+    def forward(
+        self, labels: torch.Tensor | None = None, *, class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0, **inputs,
+    ) -> SequenceClassifierOutput:
+        """``inputs``: those of :meth:`embed`; ``labels`` (B,) class ids, -100 = unlabelled (ignored).
+
+        ``class_weights`` (C,): per-class weights of the cross-entropy (the loss is the weighted mean over labelled
+        cells, as ``F.cross_entropy`` computes it); ``label_smoothing``: the target puts this mass uniformly on all
+        classes. Both are training choices passed by the trainer, not stored with the model."""
         logits = self.classifier(self.dropout(self.embed(**inputs)))  # (B, C)
         loss = None
         if labels is not None and bool((labels >= 0).any()):
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+            weight = class_weights.to(logits.device, torch.float32) if class_weights is not None else None
+            loss = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=-100,
+                                   label_smoothing=label_smoothing)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -10,13 +10,26 @@
    ids would drop genes; cellbench (Ensembl ``var_names``) is mapped through its ``var['gene_symbol']`` column, and
    its genes without a symbol are left out.
 2. Pretrain ``pretrain/run.py``'s model on all of them for ``--budget_minutes`` of training (the step count is
-   calibrated on this machine first, so the learning-rate schedule completes within the budget; a hard stop at
-   1.1x the budget guards against a slower machine).
+   calibrated on this machine first, so the learning-rate schedule completes within the budget, or fixed with
+   ``--max_steps``; a hard stop at 1.1x the budget guards against a slower machine).
 3. Report held-out MLM accuracy/loss and MCV NLL (pretrained vs the same architecture with random weights), and the
    5-fold kNN (k=15) cell-type accuracy and macro-F1 on the labelled datasets (kang2018_pbmc, cellbench, bmmc_cite,
    pbmc68k) of frozen ``<cls>`` and mean-pooled embeddings, pretrained vs random weights, against PCA (50
-   components) of log-normalised, scaled highly variable genes. Labels are never used in pretraining, but the kNN
-   cells include cells seen (unlabelled) in pretraining, as in any zero-shot embedding evaluation.
+   components) of log-normalised, scaled highly variable genes. Labels are never used in pretraining. The kNN
+   cells are all labelled cells (subsampled to ``--knn_max_cells``), as before; the table also splits the same
+   out-of-fold predictions into cells **seen** (unlabelled) in pretraining and cells **unseen** (the fine-tuning
+   test cells left out below, plus the 5% held-out split).
+
+Clean corpus (``--exclude_finetune_test_cells``, on by default; ``--no-exclude_finetune_test_cells`` to keep them):
+the cells that ``scripts/bench_finetune.py`` tests on (its ``SPLITS``: Kang 2018 donors 1244 and 1256, BMMC CITE-seq
+donor s1d2, CellBench batches sc_celseq2_5cl_p3 and sc_dropseq) are left out of the pretraining corpus *and* of the
+vocabulary statistics (gene medians), so the "pretrained" fine-tuning arm never saw its test cells, even unlabelled.
+The rule is by value, in every file that has the split's column: a cell is left out when ``obs[key]`` is one of a
+split's test values. That also removes the 302 control cells of ``kang2018_ctrlstim_2000`` whose donor is 1244 or
+1256 -- they are the very same cells as Kang's test cells (same barcodes). Its 1,000 IFN-beta-stimulated cells carry
+no donor label and are different cells, so they stay. Left-out cells go to a filtered copy of each affected file
+(``OUT/inputs/pretrain/``); the kNN evaluation tokenizes the complete labelled files with the same vocabulary
+(``OUT/tokens_eval/``). What was left out is recorded in ``OUT/corpus.json`` and the report.
 
 Validate quickly (tiny budget): ``python scripts/bench_pretrain.py --budget_minutes 1 --knn_max_cells 400``
 Full run on a quiet machine: ``python scripts/bench_pretrain.py --budget_minutes 60 --out runs/bench_pretrain``
@@ -28,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,13 +50,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import SPLITS  # noqa: E402  (one list of fine-tuning test cells for both benchmarks)
+
 LABELLED = {"kang2018_pbmc_12261": "cell_type", "cellbench_lung_1408": "cell_type", "bmmc_cite_600": "cell_type",
             "pbmc68k_counts": "cell_type"}
 NOT_A_LABEL = {"doublet", "unlabelled", "unknown", "nan", ""}
 logger = logging.getLogger("bench_pretrain")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget_minutes", type=float, default=60.0, help="pretraining time budget (training only)")
@@ -63,14 +80,65 @@ def parse() -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration_steps", type=int, default=6)
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="fixed number of optimizer steps instead of calibrating them to the budget (on a machine whose "
+                        "load changes, the calibration can be off by 2x); the budget still stops training at 1.1x")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a machine shared with other "
+                        "jobs, where 2 threads on 2 busy cores wait on each other)")
+    p.add_argument("--exclude_finetune_test_cells", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave bench_finetune.py's test cells out of the pretraining corpus and its statistics")
     p.add_argument("--overwrite", action="store_true", help="redo tokenization and pretraining")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 # --- 1. one vocabulary, one tokenized dataset per file ----------------------------------------------------------------
 
 
-def tokenize_all(data_dir: Path, out: Path, args) -> list[Path]:
+def finetune_test_mask(obs) -> np.ndarray:
+    """True for the cells of ``obs`` that some fine-tuning benchmark split tests on (``SPLITS``: ``obs[key]`` is one
+    of the split's test values, in any file that has the column ``key``)."""
+    mask = np.zeros(len(obs), dtype=bool)
+    for _file, key, test_values in SPLITS.values():
+        if key in obs.columns:
+            mask |= obs[key].astype(str).isin([str(v) for v in test_values]).to_numpy()
+    return mask
+
+
+def pretraining_inputs(inputs: list[tuple[Path, str | None]], out: Path, exclude: bool
+                       ) -> tuple[list[tuple[Path, str | None]], dict[str, dict]]:
+    """The files pretraining reads: the originals, or, with ``exclude``, filtered copies of the files holding
+    fine-tuning test cells (in ``OUT/inputs/pretrain/``, same file names so the ``source`` column is unchanged)."""
+    import anndata as ad
+
+    if not exclude:
+        return inputs, {}
+    kept, left_out = [], {}
+    for path, totals_key in inputs:
+        adata = ad.read_h5ad(path, backed="r")
+        mask = finetune_test_mask(adata.obs)
+        if not mask.any():
+            adata.file.close()
+            kept.append((path, totals_key))
+            continue
+        left_out[path.stem] = {"n_cells": int(adata.n_obs), "n_left_out": int(mask.sum())}
+        target = out / "inputs" / "pretrain" / path.name
+        if not target.is_file() or ad.read_h5ad(target, backed="r").n_obs != int((~mask).sum()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subset = adata[~mask].to_memory()
+            tmp = target.with_name(f".tmp-{target.name}")
+            subset.write_h5ad(tmp)
+            tmp.replace(target)
+        adata.file.close()
+        kept.append((target, totals_key))
+        logger.info("%s: %d of %d cells left out of pretraining (fine-tuning test cells)", path.stem,
+                    left_out[path.stem]["n_left_out"], left_out[path.stem]["n_cells"])
+    return kept, left_out
+
+
+def tokenize_all(data_dir: Path, out: Path, args) -> tuple[list[Path], dict[str, Path], dict]:
+    """One vocabulary fitted on the pretraining files; returns the pretraining dataset folders, a complete tokenized
+    folder per labelled file for the kNN evaluation, and what was left out."""
     import tokenizer
     from tokenizer.data import pbmc68k_counts
 
@@ -82,25 +150,40 @@ def tokenize_all(data_dir: Path, out: Path, args) -> list[Path]:
         default.parent.mkdir(parents=True, exist_ok=True)
         pbmc68k_counts().write_h5ad(default)
     inputs = [(f, None) for f in files] + [(default, "n_counts")]
+    train_inputs, left_out = pretraining_inputs(inputs, out, args.exclude_finetune_test_cells)
+    corpus_record = {"exclude_finetune_test_cells": args.exclude_finetune_test_cells, "left_out": left_out,
+                     "inputs": [str(p) for p, _ in train_inputs], "top_k": args.top_k, "n_zeros": args.n_zeros,
+                     "min_cells": args.min_cells}
+    record_file = out / "corpus.json"
+    redo = args.overwrite or not record_file.is_file() or json.loads(record_file.read_text()) != corpus_record
     merged = out / "stats" / "merged"
-    if args.overwrite or not (merged / "vocab.json").is_file():
+    if redo or not (merged / "vocab.json").is_file():
         parts = []
-        for path, totals_key in inputs:
+        for path, totals_key in train_inputs:
             part = out / "stats" / path.stem
             tokenizer.fit_statistics([path], part, gene_id_key="gene_symbol", total_counts_key=totals_key,
                                      overwrite=True, progress=False)
             parts.append(part)
         tokenizer.merge_statistics(parts, merged, min_cells=args.min_cells, overwrite=True)
-    folders = []
-    for path, totals_key in inputs:
-        folder = out / "tokens" / path.stem
-        if args.overwrite or not (folder / "manifest.json").is_file():
+
+    def tokenize(path, totals_key, folder):
+        if redo or not (folder / "manifest.json").is_file():
             obs_keys = [LABELLED[path.stem]] if path.stem in LABELLED else None
             tokenizer.tokenize_files([path], merged, folder, gene_id_key="gene_symbol", total_counts_key=totals_key,
                                      obs_keys=obs_keys, keep_counts=True, top_k=args.top_k, n_zeros=args.n_zeros,
                                      overwrite=True, progress=False)
-        folders.append(folder)
-    return folders
+        return folder
+
+    folders = [tokenize(path, key, out / "tokens" / path.stem) for path, key in train_inputs]
+    # the kNN evaluation reads every labelled cell: complete files where pretraining saw a filtered copy
+    eval_folders = {}
+    for (path, key), folder in zip(inputs, folders):
+        if path.stem in LABELLED:
+            eval_folders[path.stem] = tokenize(path, key, out / "tokens_eval" / path.stem) \
+                if path.stem in left_out else folder
+    record_file.write_text(json.dumps(corpus_record, indent=2))
+    args.corpus_changed = redo  # a pretrained model from another corpus must not be reused
+    return folders, eval_folders, left_out
 
 
 # --- 2. pretraining ---------------------------------------------------------------------------------------------------
@@ -126,14 +209,18 @@ def pretrain(args, folders, out: Path) -> dict:
     from pretrain.run import main
 
     final = out / "pretrain" / "final"
-    if not args.overwrite and (final / "metrics.json").is_file():
+    if not (args.overwrite or getattr(args, "corpus_changed", False)) and (final / "metrics.json").is_file():
         logger.info("reusing %s", final)
         metrics = json.loads((final / "metrics.json").read_text())
         return {"final_dir": str(final), "metrics": metrics, "step": metrics.get("step"), "reused": True}
-    calib = main(run_args(args, folders, out / "calibration", args.calibration_steps, None, calibration=True))
-    seconds_per_step = calib["train_seconds"] / args.calibration_steps  # steps only: no evaluation or saving
-    max_steps = max(int(args.budget_minutes * 60 / seconds_per_step), 1)
-    logger.info("calibration: %.2f s/step -> %d steps in %.1f min", seconds_per_step, max_steps, args.budget_minutes)
+    if args.max_steps:
+        seconds_per_step, max_steps = None, args.max_steps
+    else:
+        calib = main(run_args(args, folders, out / "calibration", args.calibration_steps, None, calibration=True))
+        seconds_per_step = calib["train_seconds"] / args.calibration_steps  # steps only: no evaluation or saving
+        max_steps = max(int(args.budget_minutes * 60 / seconds_per_step), 1)
+        logger.info("calibration: %.2f s/step -> %d steps in %.1f min", seconds_per_step, max_steps,
+                    args.budget_minutes)
     result = main(run_args(args, folders, out / "pretrain", max_steps, 1.1 * args.budget_minutes))
     result.update(calibration_seconds_per_step=seconds_per_step, planned_steps=max_steps)
     return result
@@ -180,8 +267,8 @@ def pca_features(path: Path, cell_ids: np.ndarray, seed: int) -> np.ndarray:
     return adata.obsm["X_pca"]
 
 
-def knn_scores(features: np.ndarray, labels: np.ndarray, k: int, folds: int, seed: int) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+def knn_predictions(features: np.ndarray, labels: np.ndarray, k: int, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold kNN predictions (stratified ``folds``-fold split)."""
     from sklearn.model_selection import StratifiedKFold
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -192,18 +279,41 @@ def knn_scores(features: np.ndarray, labels: np.ndarray, k: int, folds: int, see
         for train, test in splitter.split(features, labels):
             knn = KNeighborsClassifier(n_neighbors=min(k, len(train)))
             predictions[test] = knn.fit(features[train], labels[train]).predict(features[test])
-    return {"accuracy": float(accuracy_score(labels, predictions)),
-            "macro_f1": float(f1_score(labels, predictions, average="macro"))}
+    return predictions
 
 
-def main() -> None:
-    args = parse()
+def scores(labels: np.ndarray, predictions: np.ndarray, seen: np.ndarray | None = None) -> dict:
+    """Accuracy and macro-F1 over all cells, and (given ``seen``) over the cells seen / unseen in pretraining."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    def pair(rows):
+        if not rows.any():
+            return {"accuracy": float("nan"), "macro_f1": float("nan"), "n_cells": 0}
+        return {"accuracy": float(accuracy_score(labels[rows], predictions[rows])),
+                "macro_f1": float(f1_score(labels[rows], predictions[rows], average="macro")),
+                "n_cells": int(rows.sum())}
+
+    out = pair(np.ones(len(labels), dtype=bool))
+    if seen is not None:
+        out["seen"], out["unseen"] = pair(seen), pair(~seen)
+    return out
+
+
+def knn_scores(features: np.ndarray, labels: np.ndarray, k: int, folds: int, seed: int,
+               seen: np.ndarray | None = None) -> dict:
+    return scores(labels, knn_predictions(features, labels, k, folds, seed), seen)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.perf_counter()
-    folders = tokenize_all(Path(args.data_dir), out, args)
+    folders, eval_folders, left_out = tokenize_all(Path(args.data_dir), out, args)
     timings["tokenize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -213,7 +323,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     import modeling
-    from pretrain.data import CellDataset, ExpressCollator, LengthGroupedBatchSampler, load_corpus
+    from pretrain.data import CellDataset, ExpressCollator, LengthGroupedBatchSampler, load_corpus, \
+        open_tokenized_dataset
     from pretrain.run import PretrainArgs, evaluate, make_collator
 
     # held-out MLM / MCV metrics on exactly the cells and masks the run evaluated
@@ -241,28 +352,34 @@ def main() -> None:
         stem = folder.name
         if stem not in LABELLED:
             continue
-        ds = corpus.datasets[index].dataset
+        # cells seen in pretraining: the training rows of this dataset's pretraining folder, by cell id
+        seen_ids = set(np.asarray(corpus.datasets[index].dataset.select(corpus.train.rows[index].tolist())["cell_id"],
+                                  dtype=object).tolist())
+        part = corpus.datasets[index] if eval_folders[stem] == folder else open_tokenized_dataset(eval_folders[stem])
+        ds = part.dataset
         labels_all = np.asarray(ds[LABELLED[stem]], dtype=object).astype(str)
         keep = np.flatnonzero(~np.isin(np.char.lower(labels_all.astype(str)), list(NOT_A_LABEL)))
         if len(keep) > args.knn_max_cells:
             keep = np.sort(rng.choice(keep, args.knn_max_cells, replace=False))
         labels = labels_all[keep]
-        cells = CellDataset([corpus.datasets[index]], [keep])
+        cell_ids = np.asarray(ds.select(keep.tolist())["cell_id"], dtype=object)
+        seen = np.array([c in seen_ids for c in cell_ids], dtype=bool)
+        cells = CellDataset([part], [keep])
         rows = {}
         for name, model in models.items():
             cls_emb, mean_emb = embed(model.express, cells, plain)
-            rows[f"{name} <cls>"] = knn_scores(cls_emb, labels, args.knn_k, args.folds, args.seed)
-            rows[f"{name} mean"] = knn_scores(mean_emb, labels, args.knn_k, args.folds, args.seed)
+            rows[f"{name} <cls>"] = knn_scores(cls_emb, labels, args.knn_k, args.folds, args.seed, seen)
+            rows[f"{name} mean"] = knn_scores(mean_emb, labels, args.knn_k, args.folds, args.seed, seen)
         source = Path(args.data_dir) / f"{stem}.h5ad" if stem != "pbmc68k_counts" else out / "inputs" / f"{stem}.h5ad"
-        cell_ids = np.asarray(ds.select(keep.tolist())["cell_id"], dtype=object)
         rows["PCA (50) of log-normalised HVGs"] = knn_scores(pca_features(source, cell_ids, args.seed), labels,
-                                                             args.knn_k, args.folds, args.seed)
-        knn[stem] = {"n_cells": int(len(keep)), "n_types": int(len(set(labels))), "scores": rows}
+                                                             args.knn_k, args.folds, args.seed, seen)
+        knn[stem] = {"n_cells": int(len(keep)), "n_types": int(len(set(labels))), "n_seen": int(seen.sum()),
+                     "n_unseen": int((~seen).sum()), "scores": rows}
     timings["knn_s"] = time.perf_counter() - t0
 
     report = {
         "command": "python scripts/bench_pretrain.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if k not in ("overwrite",)),
+            f"--{k} {v}" for k, v in vars(args).items() if k not in ("overwrite", "corpus_changed")),
         "budget_minutes": args.budget_minutes,
         "steps": result.get("step"), "planned_steps": result.get("planned_steps"),
         "calibration_seconds_per_step": result.get("calibration_seconds_per_step"),
@@ -270,12 +387,14 @@ def main() -> None:
         "model": {k: getattr(pretrained.config, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
         "n_parameters": sum(p.numel() for p in pretrained.parameters()),
         "train_cells": len(corpus.train), "held_out_cells": len(corpus.eval),
+        "exclude_finetune_test_cells": args.exclude_finetune_test_cells, "left_out_of_pretraining": left_out,
         "held_out": held_out, "knn": knn, "timings_s": timings, "torch_threads": torch.get_num_threads(),
     }
     (out / "bench_pretrain.json").write_text(json.dumps(report, indent=2))
     table = render(report)
     (out / "bench_pretrain.md").write_text(table)
     print(table)
+    return report
 
 
 def render(report: dict) -> str:
@@ -295,6 +414,20 @@ def render(report: dict) -> str:
     for method in methods:
         cells = [report["knn"][d]["scores"][method] for d in datasets]
         lines.append(f"| {method} | " + " | ".join(f"{c['accuracy']:.3f} / {c['macro_f1']:.3f}" for c in cells) + " |")
+    split = [d for d in datasets if "unseen" in report["knn"][d]["scores"][methods[0]]] if methods else []
+    if split:
+        lines += ["", "The same out-of-fold kNN predictions, scored separately on cells seen (unlabelled) in pretraining "
+                  "and on cells unseen (left-out fine-tuning test cells and the held-out split)", "",
+                  "| embedding | " + " | ".join(f"{d} {part} ({report['knn'][d]['n_' + part]})" for d in split
+                                               for part in ("seen", "unseen")) + " |",
+                  "|---" * (2 * len(split) + 1) + "|"]
+        for method in methods:
+            cells = [report["knn"][d]["scores"][method][part] for d in split for part in ("seen", "unseen")]
+            lines.append(f"| {method} | " + " | ".join(f"{c['accuracy']:.3f} / {c['macro_f1']:.3f}" for c in cells)
+                         + " |")
+    if report.get("left_out_of_pretraining"):
+        lines += ["", "Left out of pretraining (fine-tuning test cells): " + ", ".join(
+            f"{stem} {v['n_left_out']} of {v['n_cells']}" for stem, v in report["left_out_of_pretraining"].items())]
     return "\n".join(lines) + "\n"
 
 
