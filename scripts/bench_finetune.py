@@ -61,48 +61,62 @@ def _cell_type_metrics(truth, pred) -> dict:
     return {"accuracy": M.accuracy(truth, pred), "macro_f1": M.macro_f1(truth, pred)}
 
 
-def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr) -> dict[str, dict]:
+def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr, arms=None) -> dict[str, dict]:
+    def want(arm: str) -> bool:
+        return arms is None or arm in arms
+
     y_train = train.obs["cell_type"].astype(str).to_numpy()
     truth = test.obs["cell_type"].astype(str).to_numpy()
     results = {"majority": _cell_type_metrics(truth, B.majority_class(y_train, test.n_obs))}
-    t = time.perf_counter()
-    x_train, x_test, _ = B.log_normalized_features(train, test, n_top_genes=n_top_genes)
-    results["l1_logistic_regression"] = _cell_type_metrics(truth, B.l1_logistic_regression(x_train, y_train, x_test,
-                                                                                           seed=seed))
-    results["l1_logistic_regression"]["seconds"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["mlp_classifier_sklearn"] = _cell_type_metrics(truth, B.mlp_classifier(x_train, y_train, x_test, seed=seed))
-    results["mlp_classifier_sklearn"]["seconds"] = time.perf_counter() - t
+    if want("l1_logistic_regression") or want("mlp_classifier_sklearn"):
+        x_train, x_test, _ = B.log_normalized_features(train, test, n_top_genes=n_top_genes)
+    if want("l1_logistic_regression"):
+        t = time.perf_counter()
+        results["l1_logistic_regression"] = _cell_type_metrics(truth, B.l1_logistic_regression(x_train, y_train,
+                                                                                               x_test, seed=seed))
+        results["l1_logistic_regression"]["seconds"] = time.perf_counter() - t
+    if want("mlp_classifier_sklearn"):
+        t = time.perf_counter()
+        results["mlp_classifier_sklearn"] = _cell_type_metrics(truth, B.mlp_classifier(x_train, y_train, x_test,
+                                                                                       seed=seed))
+        results["mlp_classifier_sklearn"]["seconds"] = time.perf_counter() - t
 
     def express(arm, **kw):
+        if not want(arm):
+            return
         t0 = time.perf_counter()
         model = api.fit_cell_types(train, label_key="cell_type", n_top_genes=n_top_genes, seed=seed, lr=lr, **kw)
         pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
         results[arm] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
 
     express("express_mlp_encoder", encoder="mlp", epochs=budget["epochs"][name])
-    t0 = time.perf_counter()
-    vae = api.train_vae(train, encoder="mlp", label_key="cell_type", n_top_genes=n_top_genes, seed=seed,
-                        epochs=budget["epochs"][name])
-    pred = api.predict_cell_types(test.copy(), vae).astype(str).to_numpy()
-    results["vae_mixture_mlp_encoder"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
-    tf_train = train
-    cap = budget["kang_tf_train_cells"] if name == "kang" else None
-    if cap and train.n_obs > cap:
-        tf_train = train[np.random.default_rng(seed).choice(train.n_obs, cap, replace=False)].copy()
-    t0 = time.perf_counter()
-    model = api.fit_cell_types(tf_train, label_key="cell_type", encoder="transformer", seed=seed, lr=lr,
-                               epochs=budget["tf_epochs"][name], transformer=budget["transformer"],
-                               tokenize=budget["tokenize"])
-    pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
-    results["express_no_pretraining"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0,
-                                         "train_cells": tf_train.n_obs}
+    if want("vae_mixture_mlp_encoder"):
+        t0 = time.perf_counter()
+        vae = api.train_vae(train, encoder="mlp", label_key="cell_type", n_top_genes=n_top_genes, seed=seed,
+                            epochs=budget["epochs"][name])
+        pred = api.predict_cell_types(test.copy(), vae).astype(str).to_numpy()
+        results["vae_mixture_mlp_encoder"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
+    if want("express_no_pretraining"):
+        tf_train = train
+        cap = budget["kang_tf_train_cells"] if name == "kang" else None
+        if cap and train.n_obs > cap:
+            tf_train = train[np.random.default_rng(seed).choice(train.n_obs, cap, replace=False)].copy()
+        t0 = time.perf_counter()
+        model = api.fit_cell_types(tf_train, label_key="cell_type", encoder="transformer", seed=seed, lr=lr,
+                                   epochs=budget["tf_epochs"][name], transformer=budget["transformer"],
+                                   tokenize=budget["tokenize"])
+        pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
+        results["express_no_pretraining"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0,
+                                             "train_cells": tf_train.n_obs}
     if pretrained:
         express("express_pretrained", model=pretrained, encoder="transformer", epochs=budget["tf_epochs"][name])
     return results
 
 
-def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr) -> dict[str, dict]:
+def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr, arms=None) -> dict[str, dict]:
+    def want(arm: str) -> bool:
+        return arms is None or arm in arms
+
     raw_train, names = protein_counts(train, "protein_counts")
     raw_test, _ = protein_counts(test, "protein_counts", names)
     reference = fit_protein_reference(raw_train, "clr")
@@ -112,11 +126,15 @@ def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr) -> dict[str
     f_train, f_test = B.svd_features(x_train, x_test, seed=seed)
     for arm, fn in (("knn_svd", B.knn_regression), ("ridge_svd", B.ridge_regression),
                     ("kernel_ridge_svd", B.kernel_ridge_svd)):
+        if not want(arm):
+            continue
         t0 = time.perf_counter()
         results[arm] = {**M.protein_metrics(fn(f_train, y_train, f_test, seed=seed), truth),
                         "seconds": time.perf_counter() - t0}
 
     def express(arm, **kw):
+        if not want(arm):
+            return
         t0 = time.perf_counter()
         model = api.fit_proteins(train, n_top_genes=n_top_genes, seed=seed, **kw)
         pred = api.predict_proteins(test.copy(), model).to_numpy()
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", choices=list(BUDGETS), default="small")
     parser.add_argument("--pretrained", default=None, help="pretrained express folder (the 'express_pretrained' arm)")
+    parser.add_argument("--arms", nargs="+", default=None,
+                        help="run only these arms (e.g. express_pretrained); the majority / mean-protein reference "
+                             "always runs. Default: all")
     parser.add_argument("--n_top_genes", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
@@ -168,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
+    arms = set(args.arms) if args.arms else None
     report: dict = {"args": vars(args), "budget": budget, "results": {}}
     markdown = [f"Budget `{args.budget}`, seeds {args.seeds}, torch threads {args.threads}; mean ± sd over seeds.", ""]
     for name in args.datasets:
@@ -183,9 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 if task == "adt":
-                    res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr)
+                    res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr, arms)
                 else:
-                    res = cell_type_arms(name, train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr)
+                    res = cell_type_arms(name, train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr,
+                                         arms)
                 logger.info("%s %s seed %d done in %.0f s", name, task, seed, time.perf_counter() - t0)
                 per_seed.append(res)
             summary = summarise(per_seed)
