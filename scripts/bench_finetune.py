@@ -61,7 +61,8 @@ def _cell_type_metrics(truth, pred) -> dict:
     return {"accuracy": M.accuracy(truth, pred), "macro_f1": M.macro_f1(truth, pred)}
 
 
-def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr, arms=None) -> dict[str, dict]:
+def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr, arms=None,
+                   mlp_kwargs=None) -> dict[str, dict]:
     def want(arm: str) -> bool:
         return arms is None or arm in arms
 
@@ -85,11 +86,13 @@ def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr,
         if not want(arm):
             return
         t0 = time.perf_counter()
-        model = api.fit_cell_types(train, label_key="cell_type", n_top_genes=n_top_genes, seed=seed, lr=lr, **kw)
+        # the arm's own keywords (e.g. --mlp_kwargs) override the shared defaults
+        model = api.fit_cell_types(train, **{"label_key": "cell_type", "n_top_genes": n_top_genes, "seed": seed,
+                                             "lr": lr, **kw})
         pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
         results[arm] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
 
-    express("express_mlp_encoder", encoder="mlp", epochs=budget["epochs"][name])
+    express("express_mlp_encoder", encoder="mlp", **{"epochs": budget["epochs"][name], **(mlp_kwargs or {})})
     if want("vae_mixture_mlp_encoder"):
         t0 = time.perf_counter()
         vae = api.train_vae(train, encoder="mlp", label_key="cell_type", n_top_genes=n_top_genes, seed=seed,
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", default=None,
                         help="run only these arms (e.g. express_pretrained); the majority / mean-protein reference "
                              "always runs. Default: all")
+    parser.add_argument("--mlp_kwargs", type=json.loads, default=None,
+                        help="JSON keyword arguments of fit_cell_types for the express_mlp_encoder cell-type arm, e.g. "
+                             "settings chosen by scripts/cv_celltype.py: '{\"head\": {\"mlp_layers\": 1}}'")
     parser.add_argument("--n_top_genes", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                     res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr, arms)
                 else:
                     res = cell_type_arms(name, train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr,
-                                         arms)
+                                         arms, args.mlp_kwargs)
                 logger.info("%s %s seed %d done in %.0f s", name, task, seed, time.perf_counter() - t0)
                 per_seed.append(res)
             summary = summarise(per_seed)

@@ -16,12 +16,17 @@ def test_bench_finetune_selected_arms_on_cite(shared, tmp_path):
     data = shared("bmmc_cite_600.h5ad").parent
     out = tmp_path / "bench"
     report = bench_finetune.main(["--datasets", "cite", "--seeds", "0", "--arms", "l1_logistic_regression",
-                                  "knn_svd", "--data_dir", str(data), "--out", str(out)])
+                                  "knn_svd", "express_mlp_encoder", "--mlp_kwargs", '{"epochs": 4, "lr": 0.0}',
+                                  "--data_dir", str(data), "--out", str(out)])
     cell = report["results"]["cite/cell-type"]
     adt = report["results"]["cite/adt"]
     # only the requested arms plus the trivial reference
-    assert set(cell["per_seed"][0]) == {"majority", "l1_logistic_regression"}
-    assert set(adt["per_seed"][0]) == {"mean_protein", "knn_svd"}
+    assert set(cell["per_seed"][0]) == {"majority", "l1_logistic_regression", "express_mlp_encoder"}
+    assert set(adt["per_seed"][0]) == {"mean_protein", "knn_svd", "express_mlp_encoder"}
+    # --mlp_kwargs reaches the cell-type MLP arm: with a learning rate of 0 its weights never move, so it stays far
+    # below logistic regression
+    assert cell["summary"]["express_mlp_encoder"]["macro_f1"]["mean"] < \
+        cell["summary"]["l1_logistic_regression"]["macro_f1"]["mean"] - 0.1
     assert cell["split"]["test"] == ["s1d2"] and cell["split"]["n_train"] + cell["split"]["n_test"] == 600
     # both beat the trivial reference on the held-out donor
     assert cell["summary"]["l1_logistic_regression"]["macro_f1"]["mean"] > \
@@ -29,5 +34,6 @@ def test_bench_finetune_selected_arms_on_cite(shared, tmp_path):
     assert adt["summary"]["knn_svd"]["pearson_per_protein"]["mean"] > 0.5
     assert adt["summary"]["mean_protein"]["pearson_per_protein"]["mean"] == 0.0
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["args"]["arms"] == ["l1_logistic_regression", "knn_svd"]
+    assert saved["args"]["arms"] == ["l1_logistic_regression", "knn_svd", "express_mlp_encoder"]
+    assert saved["args"]["mlp_kwargs"] == {"epochs": 4, "lr": 0.0}
     assert "| l1_logistic_regression |" in out.with_suffix(".md").read_text()
