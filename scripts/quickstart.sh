@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in default data (scanpy's pbmc68k_reduced, turned back into raw counts), end to end:
 # set up .venv on first run, tokenize, pretrain a small encoder with MLM + MCV, fine-tune it for cell types on a
-# fixed 80/20 split, and compare with L1 logistic regression. A few minutes on a laptop CPU.
+# fixed 80/20 split, and compare with L1 logistic regression. About 12 minutes on a 2-core CPU.
 # Outputs go to ./express_demo (override with EXPRESS_DEMO_DIR); every step overwrites its previous output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
