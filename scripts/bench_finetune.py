@@ -62,7 +62,7 @@ def _cell_type_metrics(truth, pred) -> dict:
 
 
 def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr, arms=None,
-                   mlp_kwargs=None) -> dict[str, dict]:
+                   mlp_kwargs=None, pretrained_kwargs=None) -> dict[str, dict]:
     def want(arm: str) -> bool:
         return arms is None or arm in arms
 
@@ -112,11 +112,13 @@ def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr,
         results["express_no_pretraining"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0,
                                              "train_cells": tf_train.n_obs}
     if pretrained:
-        express("express_pretrained", model=pretrained, encoder="transformer", epochs=budget["tf_epochs"][name])
+        express("express_pretrained", model=pretrained, encoder="transformer",
+                **{"epochs": budget["tf_epochs"][name], **(pretrained_kwargs or {})})
     return results
 
 
-def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr, arms=None) -> dict[str, dict]:
+def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr, arms=None,
+             pretrained_kwargs=None) -> dict[str, dict]:
     def want(arm: str) -> bool:
         return arms is None or arm in arms
 
@@ -149,8 +151,8 @@ def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr, arms=None) 
     express("express_no_pretraining", encoder="transformer", epochs=budget["tf_epochs"]["cite"], lr=5e-3,
             transformer=budget["transformer"], tokenize=budget["tokenize"])
     if pretrained:
-        express("express_pretrained", model=pretrained, encoder="transformer", epochs=budget["tf_epochs"]["cite"],
-                lr=lr)
+        express("express_pretrained", model=pretrained, encoder="transformer",
+                **{"epochs": budget["tf_epochs"]["cite"], "lr": lr, **(pretrained_kwargs or {})})
     return results
 
 
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mlp_kwargs", type=json.loads, default=None,
                         help="JSON keyword arguments of fit_cell_types for the express_mlp_encoder cell-type arm, e.g. "
                              "settings chosen by scripts/cv_celltype.py: '{\"head\": {\"mlp_layers\": 1}}'")
+    parser.add_argument("--pretrained_kwargs", type=json.loads, default=None,
+                        help="JSON training keyword arguments for the express_pretrained arm (cell-type and adt), e.g. "
+                             "'{\"batch_size\": 16, \"encoder_lr\": 0.001}'")
     parser.add_argument("--n_top_genes", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
@@ -211,10 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 if task == "adt":
-                    res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr, arms)
+                    res = adt_arms(train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr, arms,
+                                   args.pretrained_kwargs)
                 else:
                     res = cell_type_arms(name, train, test, seed, budget, args.pretrained, args.n_top_genes, args.lr,
-                                         arms, args.mlp_kwargs)
+                                         arms, args.mlp_kwargs, args.pretrained_kwargs)
                 logger.info("%s %s seed %d done in %.0f s", name, task, seed, time.perf_counter() - t0)
                 per_seed.append(res)
             summary = summarise(per_seed)
