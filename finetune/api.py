@@ -68,6 +68,18 @@ def _vocab_for(model: str | os.PathLike, encoder: str, adata: ad.AnnData, gene_i
     return fit_statistics([adata], None, gene_id_key=gene_id_key, layer=layer, progress=False)
 
 
+def _pretrained_tokenization(model: str | os.PathLike) -> dict:
+    """How the pretrained model's corpus was tokenized (``tokenization.json`` beside its weights, written by
+    ``pretrain/run.py``); empty (the tokenizer's defaults) for a folder without one."""
+    from pretrain.data import TOKENIZATION_FILE
+
+    path = Path(model) / TOKENIZATION_FILE
+    if not path.is_file():
+        logger.info("%s has no %s: new cells are tokenized with the tokenizer's defaults", model, TOKENIZATION_FILE)
+        return {}
+    return json.loads(path.read_text())
+
+
 def _labels(adata, label_key, labelled_key, unlabelled_category) -> tuple[list[str], np.ndarray | None]:
     if label_key is None:
         return [], None
@@ -116,7 +128,9 @@ def prepare_model(
 
     ``head``: further :class:`~modeling.modeling_vae.HeadSettings` fields (``n_latent``, ``covariance``, ...);
     ``transformer``: :class:`ExpressConfig` fields for a transformer built from scratch; ``tokenize``: arguments of
-    ``tokenizer.tokenize_adata`` (``top_k``, ``n_zeros``) for a transformer built from scratch.
+    ``tokenizer.tokenize_adata`` (``top_k``, ``n_zeros``) for the transformer encoder. For a pretrained model, those
+    not given default to how its pretraining corpus was tokenized (its ``tokenization.json``), else to the
+    tokenizer's defaults.
     """
     if task not in ("cell-type", "vae", "adt"):
         raise ValueError(f"task must be 'cell-type', 'vae' or 'adt', got {task!r}")
@@ -130,6 +144,8 @@ def prepare_model(
     if pretrained and encoder == "mlp":
         raise ValueError("the MLP encoder has no pretrained weights: use model='none' with encoder='mlp'")
     vocab = _vocab_for(model, encoder, adata, gene_id_key, layer)
+    if pretrained:  # explicit arguments win over how the pretraining corpus was tokenized
+        tokenize = {**_pretrained_tokenization(model), **(tokenize or {})}
     names, mask = _labels(adata, label_key, labelled_key, unlabelled_category)
     if prior == "auto":
         prior = "mixture" if names else "normal"

@@ -79,8 +79,10 @@ class FinetuneArgs:
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
     num_hidden_layers: int = field(default=4, metadata={"help": "transformer depth when --model none"})
     num_attention_heads: int = field(default=4, metadata={"help": "attention heads when --model none"})
-    top_k: int = field(default=256, metadata={"help": "genes per cell when tokenizing (match the pretraining)"})
-    n_zeros: int = field(default=50, metadata={"help": "sampled zero genes per cell (match the pretraining)"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "genes per cell when tokenizing (default: as the pretrained model's corpus, else 256)"})
+    n_zeros: int | None = field(default=None, metadata={
+        "help": "sampled zero genes per cell (default: as the pretrained model's corpus, else 50)"})
     # optimisation
     epochs: int = field(default=20, metadata={"help": "passes over the training cells"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
@@ -173,7 +175,8 @@ def main(args: FinetuneArgs) -> dict:
     logger.info("%d training cells, %d held-out cells", train.n_obs, test.n_obs)
     transformer = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
                    "num_attention_heads": args.num_attention_heads, "intermediate_size": 2 * args.hidden_size,
-                   "max_position_embeddings": max(512, args.top_k + args.n_zeros + 8)}
+                   "max_position_embeddings": max(512, (args.top_k or 256) + (args.n_zeros or 50) + 8)}
+    tokenize = {k: v for k, v in (("top_k", args.top_k), ("n_zeros", args.n_zeros)) if v is not None}
     head = {"n_latent": args.n_latent, "covariance": args.covariance, "likelihood": args.likelihood,
             "dispersion": args.dispersion, "mlp_hidden": args.mlp_hidden, "mlp_layers": args.mlp_layers,
             "dropout": args.dropout, "input_dropout": args.input_dropout}
@@ -184,7 +187,7 @@ def main(args: FinetuneArgs) -> dict:
         hierarchy_key=args.hierarchy_key, prior=args.prior, protein_head=args.protein_head,
         protein_norm=args.protein_norm, freeze_layers=args.freeze_layers, head=head,
         transformer=transformer if args.model == "none" else None,
-        tokenize={"top_k": args.top_k, "n_zeros": args.n_zeros},
+        tokenize=tokenize,  # what is not given: as the pretrained model's corpus, else the tokenizer's defaults
     )
     settings = TrainSettings(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,

@@ -35,6 +35,8 @@ from tokenizer import GeneVocab, encode_count_rows, mix_seeds
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+# Written beside a pretrained model: how its corpus was tokenized, so fine-tuning tokenizes new cells the same way
+TOKENIZATION_FILE = "tokenization.json"
 TOKEN_COLUMNS = ("input_ids", "values", "is_zero")  # is_zero is absent in Geneformer-mode datasets (no zeros)
 REQUIRED_COLUMNS = ("input_ids", "values")
 COUNT_COLUMNS = ("counts_ids", "counts")
@@ -326,6 +328,15 @@ class Corpus:
     @property
     def encodings(self) -> list[EncodingParams]:
         return [d.encoding for d in self.datasets]
+
+    def shared_tokenization(self) -> dict[str, int] | None:
+        """``{"top_k", "n_zeros"}`` when every dataset was tokenized with them (None when they differ, or for a
+        Geneformer-mode corpus, which new cells cannot be encoded like without Geneformer's dictionaries)."""
+        found = {(e.top_k, e.n_zeros, e.add_cls, e.add_eos) for e in self.encodings}
+        if len(found) != 1:
+            return None
+        top_k, n_zeros, add_cls, add_eos = found.pop()
+        return {"top_k": top_k, "n_zeros": n_zeros} if add_cls and not add_eos else None
 
 
 def load_corpus(paths: Sequence[str | os.PathLike], *, eval_fraction: float = 0.05, seed: int = 0,

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import torch
 
 from pretrain.data import (
+    TOKENIZATION_FILE,
     Corpus,
     ExpressCollator,
     LengthGroupedBatchSampler,
@@ -717,6 +718,9 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             with atomic_directory(final_dir) as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=model_state)
                 corpus.vocab.save(tmp)
+                tokenization = corpus.shared_tokenization()
+                if tokenization is not None:
+                    (tmp / TOKENIZATION_FILE).write_text(json.dumps(tokenization, indent=2))
                 (tmp / "training_args.json").write_text(json.dumps(args_to_dict(args), indent=2))
                 (tmp / "metrics.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
                 (tmp / "README.md").write_text(model_card(args, corpus, metrics, state, n_params))

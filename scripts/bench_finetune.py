@@ -12,7 +12,14 @@ Full run for a quiet machine (all arms, 3 seeds; --pretrained is a folder writte
     python scripts/bench_finetune.py --budget full --seeds 0 1 2 --pretrained PRETRAINED_DIR \\
         --out bench_finetune_full
 
-Small run (development machine, 2 shared cores): ``--budget small`` (fewer epochs, a smaller transformer).
+Small run (development machine, 2 cores): ``--budget small`` (fewer epochs, a smaller transformer).
+
+The two transformer arms: ``express_no_pretraining`` (a vocabulary fitted on the training cells, random weights) and,
+with ``--pretrained``, ``express_pretrained``. Given a pretrained model, the arm without pretraining copies its
+architecture and both tokenize alike (``tokenize`` of the budget) and train with the same learning rate for encoder
+and head (``--lr``; ``--pretrained_kwargs`` overrides the pretrained arm's settings): the starting weights are the
+only difference. The pretrained vocabulary is taken to be keyed by gene symbol (``var['gene_symbol']``), as
+``scripts/bench_pretrain.py`` builds it.
 Targets: Kang macro-F1 of express >= L1 logistic regression; CITE-seq per-protein Pearson of express >= best of
 kNN / ridge / kernel ridge on SVD features.
 """
@@ -47,14 +54,38 @@ SPLITS = {
     "kang": ("kang2018_pbmc_12261.h5ad", "donor", ["1244", "1256"]),
 }
 BUDGETS = {
-    # epochs per task; transformer size and tokenization for the arm without pretraining
-    "small": {"epochs": {"cite": 100, "cellbench": 30, "kang": 15}, "tf_epochs": {"cite": 30, "cellbench": 6, "kang": 2},
+    # epochs per task for the MLP-encoder arms ("epochs") and the two transformer arms ("tf_epochs"); the
+    # architecture and tokenization of the transformer without pretraining (with --pretrained: the pretrained
+    # model's architecture instead, so the two transformer arms differ only in their starting weights)
+    "small": {"epochs": {"cite": 100, "cellbench": 30, "kang": 15}, "tf_epochs": {"cite": 30, "cellbench": 20, "kang": 10},
               "transformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-              "tokenize": dict(top_k=128, n_zeros=16), "kang_tf_train_cells": 2000},
+              "tokenize": dict(top_k=256, n_zeros=50)},
     "full": {"epochs": {"cite": 150, "cellbench": 60, "kang": 30}, "tf_epochs": {"cite": 100, "cellbench": 30, "kang": 10},
              "transformer": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
-             "tokenize": dict(top_k=256, n_zeros=50), "kang_tf_train_cells": None},
+             "tokenize": dict(top_k=256, n_zeros=50)},
 }
+ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                "norm_placement", "classifier_pooling")
+# The pretrained vocabulary of scripts/bench_pretrain.py is keyed by gene symbol (cellbench's var_names are Ensembl)
+PRETRAINED_GENE_ID_KEY = "gene_symbol"
+
+
+def transformer_arms(budget: dict, pretrained: str | None, lr: float, pretrained_kwargs: dict | None):
+    """Keyword arguments of the two transformer arms: ``(without pretraining, pretrained)``.
+
+    With a pretrained model, the arm without pretraining copies its architecture, and both use the same learning rate
+    for encoder and head: the starting weights are the only difference between them. ``pretrained_kwargs`` override
+    the pretrained arm's training settings."""
+    transformer = dict(budget["transformer"])
+    if pretrained:
+        from modeling import ExpressConfig
+
+        config = ExpressConfig.from_pretrained(pretrained)
+        transformer = {k: getattr(config, k) for k in ARCHITECTURE}
+    scratch = {"encoder": "transformer", "transformer": transformer, "tokenize": budget["tokenize"]}
+    warm = {"model": pretrained, "encoder": "transformer", "gene_id_key": PRETRAINED_GENE_ID_KEY,
+            "tokenize": budget["tokenize"], "encoder_lr": lr, **(pretrained_kwargs or {})}
+    return scratch, warm
 
 
 def _cell_type_metrics(truth, pred) -> dict:
@@ -89,7 +120,7 @@ def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr,
         # the arm's own keywords (e.g. --mlp_kwargs) override the shared defaults
         model = api.fit_cell_types(train, **{"label_key": "cell_type", "n_top_genes": n_top_genes, "seed": seed,
                                              "lr": lr, **kw})
-        pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
+        pred = api.predict_cell_types(test.copy(), model, gene_id_key=kw.get("gene_id_key")).astype(str).to_numpy()
         results[arm] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
 
     express("express_mlp_encoder", encoder="mlp", **{"epochs": budget["epochs"][name], **(mlp_kwargs or {})})
@@ -99,21 +130,11 @@ def cell_type_arms(name, train, test, seed, budget, pretrained, n_top_genes, lr,
                             epochs=budget["epochs"][name])
         pred = api.predict_cell_types(test.copy(), vae).astype(str).to_numpy()
         results["vae_mixture_mlp_encoder"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0}
-    if want("express_no_pretraining"):
-        tf_train = train
-        cap = budget["kang_tf_train_cells"] if name == "kang" else None
-        if cap and train.n_obs > cap:
-            tf_train = train[np.random.default_rng(seed).choice(train.n_obs, cap, replace=False)].copy()
-        t0 = time.perf_counter()
-        model = api.fit_cell_types(tf_train, label_key="cell_type", encoder="transformer", seed=seed, lr=lr,
-                                   epochs=budget["tf_epochs"][name], transformer=budget["transformer"],
-                                   tokenize=budget["tokenize"])
-        pred = api.predict_cell_types(test.copy(), model).astype(str).to_numpy()
-        results["express_no_pretraining"] = {**_cell_type_metrics(truth, pred), "seconds": time.perf_counter() - t0,
-                                             "train_cells": tf_train.n_obs}
+    scratch, warm = transformer_arms(budget, pretrained, lr, pretrained_kwargs)
+    tf_epochs = budget["tf_epochs"][name]
+    express("express_no_pretraining", **{"epochs": tf_epochs, **scratch})
     if pretrained:
-        express("express_pretrained", model=pretrained, encoder="transformer",
-                **{"epochs": budget["tf_epochs"][name], **(pretrained_kwargs or {})})
+        express("express_pretrained", **{"epochs": tf_epochs, **warm})
     return results
 
 
@@ -142,17 +163,17 @@ def adt_arms(train, test, seed, budget, pretrained, n_top_genes, lr, arms=None,
             return
         t0 = time.perf_counter()
         model = api.fit_proteins(train, n_top_genes=n_top_genes, seed=seed, **kw)
-        pred = api.predict_proteins(test.copy(), model).to_numpy()
+        pred = api.predict_proteins(test.copy(), model, gene_id_key=kw.get("gene_id_key")).to_numpy()
         results[arm] = {**M.protein_metrics(pred, truth), "seconds": time.perf_counter() - t0}
 
     epochs = budget["epochs"]["cite"]
     express("express_mlp_encoder", encoder="mlp", epochs=epochs, lr=lr)
     express("nb_vae_mlp_encoder", encoder="mlp", protein_head="nb", epochs=epochs, lr=3e-3)
-    express("express_no_pretraining", encoder="transformer", epochs=budget["tf_epochs"]["cite"], lr=5e-3,
-            transformer=budget["transformer"], tokenize=budget["tokenize"])
+    scratch, warm = transformer_arms(budget, pretrained, lr, pretrained_kwargs)
+    tf_epochs = budget["tf_epochs"]["cite"]
+    express("express_no_pretraining", **{"epochs": tf_epochs, "lr": lr, **scratch})
     if pretrained:
-        express("express_pretrained", model=pretrained, encoder="transformer",
-                **{"epochs": budget["tf_epochs"]["cite"], "lr": lr, **(pretrained_kwargs or {})})
+        express("express_pretrained", **{"epochs": tf_epochs, "lr": lr, **warm})
     return results
 
 

@@ -37,3 +37,23 @@ def test_bench_finetune_selected_arms_on_cite(shared, tmp_path):
     assert saved["args"]["arms"] == ["l1_logistic_regression", "knn_svd", "express_mlp_encoder"]
     assert saved["args"]["mlp_kwargs"] == {"epochs": 4, "lr": 0.0}
     assert "| l1_logistic_regression |" in out.with_suffix(".md").read_text()
+
+
+def test_transformer_arms_differ_only_in_their_starting_weights(tmp_path):
+    """With a pretrained model, the arm without pretraining takes its architecture, and both arms get the same
+    learning rate for encoder and head and the same tokenization; without one, the budget's architecture is used."""
+    from modeling import ExpressConfig
+
+    ExpressConfig(vocab_size=40, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
+                  classifier_pooling="mean").save_pretrained(tmp_path)
+    budget = bench_finetune.BUDGETS["small"]
+    scratch, warm = bench_finetune.transformer_arms(budget, str(tmp_path), 2e-3, {"batch_size": 16})
+    assert {k: scratch["transformer"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "intermediate_size", "classifier_pooling")} == \
+        {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 96,
+         "classifier_pooling": "mean"}
+    assert scratch["tokenize"] == warm["tokenize"] == budget["tokenize"]
+    assert warm["model"] == str(tmp_path) and warm["encoder_lr"] == 2e-3 and warm["batch_size"] == 16
+    assert warm["gene_id_key"] == "gene_symbol" and "model" not in scratch
+    scratch, _ = bench_finetune.transformer_arms(budget, None, 2e-3, None)
+    assert scratch["transformer"] == budget["transformer"]

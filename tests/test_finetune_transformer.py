@@ -57,6 +57,28 @@ def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, ci
         api.prepare_model("cell-type", cite[0], model=path, encoder="mlp", label_key="cell_type")
 
 
+def test_pretrained_models_tokenization_is_the_default(checkpoint, cite, tmp_path):
+    """New cells are tokenized as the pretraining corpus was (tokenization.json beside the weights), unless the
+    caller says otherwise; a folder without the file falls back to the tokenizer's defaults."""
+    import json
+    import shutil
+
+    path, _ = checkpoint
+    folder = tmp_path / "pretrained"
+    shutil.copytree(path, folder)
+    (folder / "tokenization.json").write_text(json.dumps({"top_k": 20, "n_zeros": 3}))
+    cells = cite[0][:32].copy()
+    net, table = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type")
+    assert net.settings.tokenize == {"top_k": 20, "n_zeros": 3}
+    lengths = np.diff(table.tokens.offsets)
+    assert lengths.max() == 1 + 20 + 3  # <cls>, the top 20 detected genes, 3 sampled zeros
+    net, table = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type",
+                                   tokenize={"n_zeros": 0})
+    assert net.settings.tokenize == {"top_k": 20, "n_zeros": 0} and np.diff(table.tokens.offsets).max() == 21
+    net, table = api.prepare_model("cell-type", cells, model=path, encoder="transformer", label_key="cell_type")
+    assert net.settings.tokenize == {} and np.diff(table.tokens.offsets).max() > 1 + 20 + 3
+
+
 def _args(tmp_path, path, **kw):
     base = dict(data=path, output_dir=str(tmp_path / "out"), encoder="transformer", split_key="batch",
                 test_values="s1d2", plots=False, mll_samples=10, top_k=128, n_zeros=16, n_top_genes=500, seed=0,

@@ -86,6 +86,8 @@ def test_pretraining_learns_and_writes_a_loadable_model(corpus_dir, tmp_path):
     card = (final / "README.md").read_text()
     assert "eval/mlm_accuracy" in card and '"max_steps": 60' in card and "mlm + mcv + count" in card
     assert json.loads((final / "metrics.json").read_text())["step"] == 60
+    # the two datasets were tokenized differently (top_k 16 / 12): no single tokenization to record
+    assert not (final / "tokenization.json").exists()
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
@@ -221,6 +223,8 @@ def test_default_data_run_uses_the_tokenizers_encoding_for_mcv(tmp_path):
         assert row["input_ids"][detected].tolist() == again.input_ids.tolist()
         np.testing.assert_array_equal(row["values"][detected], again.values)
         assert set(row["input_ids"][~detected].tolist()) <= set(enc.candidates_for(row["source"]).tolist())
+    # how the corpus was tokenized travels with the model, for fine-tuning to tokenize new cells alike
+    assert json.loads((out / "final" / "tokenization.json").read_text()) == {"top_k": 256, "n_zeros": 50}
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
