@@ -175,7 +175,7 @@ def main(args: FinetuneArgs) -> dict:
     logger.info("%d training cells, %d held-out cells", train.n_obs, test.n_obs)
     transformer = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
                    "num_attention_heads": args.num_attention_heads, "intermediate_size": 2 * args.hidden_size,
-                   "max_position_embeddings": max(512, (args.top_k or 256) + (args.n_zeros or 50) + 8)}
+                   "max_position_embeddings": max(512, (args.top_k or 0) + (args.n_zeros or 0) + 8)}
     tokenize = {k: v for k, v in (("top_k", args.top_k), ("n_zeros", args.n_zeros)) if v is not None}
     head = {"n_latent": args.n_latent, "covariance": args.covariance, "likelihood": args.likelihood,
             "dispersion": args.dispersion, "mlp_hidden": args.mlp_hidden, "mlp_layers": args.mlp_layers,
