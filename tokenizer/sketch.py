@@ -316,17 +316,26 @@ def accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, t
     first, last = touched[0], touched[1]
     small_bucket = np.empty(_SMALL_COUNTS, dtype=np.int64)
     small_profile = np.empty(_SMALL_COUNTS, dtype=np.int64)
+    # Cells are visited grouped by projection coordinate, then by library size: the row of ``proj`` a group adds to
+    # stays in cache (in chunk order every cell would fetch a different row of a table of tens of MB, which costs
+    # more than the histogram), and cells of similar size share histogram rows. Sums do not depend on the order.
+    coords = np.zeros(n_rows, dtype=np.int64)
+    negatives = np.zeros(n_rows, dtype=np.bool_)
+    order_keys = np.zeros(n_rows, dtype=np.float64)
     for i in range(n_rows):
+        if dim > 0:
+            h, negatives[i] = _cell_hash(keys[i], proj_base)
+            coords[i] = np.int64(h % np.uint64(dim))
+        order_keys[i] = coords[i] * 1e12 + totals[i]
+    for i in np.argsort(order_keys):
         total = totals[i]
         if total <= 0:
             continue
         used += 1
         log_scale = math.log(target_sum / total)
-        coord = 0
-        negative = False
+        coord = coords[i]
+        negative = negatives[i]
         if dim > 0:
-            h, negative = _cell_hash(keys[i], proj_base)
-            coord = np.int64(h % np.uint64(dim))
             sign_sum[coord] += -1 if negative else 1
         for x in range(1, _SMALL_COUNTS):
             b = min(max(np.int64(math.ceil((log_table[x] + log_scale) * inv_log_gamma)) - offset, 0), n_buckets - 1)
