@@ -8,7 +8,14 @@ just before each stage so that every stage starts with it in the page cache:
   (one process);
 - ``fit``: ``express-tokenize fit`` with ``--num_workers`` workers;
 - ``tokenize``: ``express-tokenize tokenize`` (top_k 256, 50 zeros) with ``--num_workers`` workers;
-- ``tokenize+counts`` (with ``--keep_counts``): the same, also storing every cell's counts.
+- ``tokenize+counts`` (with ``--keep_counts``): the same, also storing every cell's counts;
+- ``write``: the output floor: write as many bytes as the last tokenize stage wrote to a file beside it, in 16 MiB
+  blocks, and do nothing else (one process). Tokenizing cannot be faster than writing its output.
+
+Every stage runs ``--repeats`` times in rotation and the table shows the median run. With two sizes, a second table
+gives the marginal rate: the extra cells of the large size over its extra seconds, i.e. the rate of a corpus so large
+that the fixed costs of a run (starting workers, loading compiled kernels, deriving the hierarchy, writing the
+statistics) no longer count.
 
 cells/s is measured inside each process from just before the API call to its return (interpreter start-up and
 imports excluded; worker start-up included); ``wall_s`` is the whole process; ``cpu_s`` the CPU time of the process
@@ -18,7 +25,7 @@ workers are counted once per process, so this overstates real memory use). Targe
 with 2 workers; peak RSS at the large size <= 1.2x the small one.
 
     python scripts/bench_tokenizer.py --sizes 50000,200000 --num_workers 2 --out bench_tokenizer.json
-    python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit   # quick look
+    python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit --repeats 1  # quick look
     python scripts/bench_tokenizer.py --sizes 50000 --compression gzip  # gzip-compressed h5ad, as real files often are
 """
 
@@ -45,6 +52,7 @@ STAGE_CODE = {
     "tokenize": "from tokenizer.cli import main; assert main(['tokenize', {path!r}, '--stats', {stats!r}, '--out', "
                 "{tokens!r}, '--num_workers', '{workers}', '--chunk_size', '{chunk_size}', '--obs_keys', "
                 "'cell_type,donor', '--overwrite', '--quiet']) == 0",
+    "write": "from tokenizer.io import write_floor; write_floor({target!r}, {n_bytes})",
     "tokenize+counts": "from tokenizer.cli import main; assert main(['tokenize', {path!r}, '--stats', {stats!r}, "
                        "'--out', {tokens!r}, '--num_workers', '{workers}', '--chunk_size', '{chunk_size}', "
                        "'--obs_keys', 'cell_type,donor', '--keep_counts', '--overwrite', '--quiet']) == 0",
@@ -114,13 +122,28 @@ def ensure_corpus(data_dir: Path, n_cells: int, n_genes: int, seed: int, compres
     return path
 
 
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median time (its own CPU time and RSS), with every run's seconds attached."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["all_seconds"] = [r["seconds"] for r in runs]
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="50000,200000", help="corpus sizes in cells, comma-separated")
     parser.add_argument("--n_genes", type=int, default=20_000)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--chunk_size", type=int, default=2048)
-    parser.add_argument("--stages", default="read,fit,tokenize", help=f"any of {','.join(STAGE_CODE)}")
+    parser.add_argument("--stages", default="read,fit,tokenize,write", help=f"any of {','.join(STAGE_CODE)}")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every stage, in rotation; the table shows the median run (default 3)")
     parser.add_argument("--data_dir", default="/tmp/express_bench", help="where corpora and outputs go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compression", default=None, choices=[None, "gzip", "lzf"],
@@ -135,49 +158,88 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stages {sorted(unknown)}")
     if any(s.startswith("tokenize") for s in stages) and "fit" not in stages:
         stages.insert(0, "fit")  # tokenize needs the statistics
+    if "write" in stages and not any(s.startswith("tokenize") for s in stages):
+        parser.error("the write stage writes as many bytes as tokenize did: run it with a tokenize stage")
+    if "write" in stages:  # after the tokenize stages, whose output size it needs
+        stages = [s for s in stages if s != "write"] + ["write"]
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n_cells in sizes:
         path = ensure_corpus(data_dir, n_cells, args.n_genes, args.seed, args.compression)
         work = data_dir / f"run_{n_cells}{'_' + args.compression if args.compression else ''}"
+        runs: dict[str, list[dict]] = {stage: [] for stage in stages}
+        output_bytes = 0
+        for repeat in range(args.repeats):
+            for stage in stages:
+                code = STAGE_CODE[stage].format(path=str(path), stats=str(work / "stats"), tokens=str(work / "tokens"),
+                                                workers=args.num_workers, chunk_size=args.chunk_size,
+                                                target=str(work / "write_floor.bin"), n_bytes=output_bytes)
+                if stage != "write":
+                    warm_page_cache(path)
+                if stage.startswith("tokenize"):  # --overwrite would remove the last run's output inside the timing
+                    shutil.rmtree(work / "tokens", ignore_errors=True)
+                result = run_stage(WRAPPER.format(code=code))
+                (work / "write_floor.bin").unlink(missing_ok=True)
+                if stage.startswith("tokenize"):
+                    output_bytes = dir_bytes(work / "tokens")
+                    result["output_bytes"] = output_bytes
+                runs[stage].append(result)
+                print(f"{n_cells:>8,} {stage:<16} run {repeat + 1}/{args.repeats} {result['seconds']:8.2f} s "
+                      f"{n_cells / result['seconds']:>10,.0f} cells/s  cpu {result['cpu_s']:7.2f} s  peak RSS "
+                      f"{result['peak_rss_mib']:8.0f} MiB  (load {os.getloadavg()[0]:.1f})", flush=True)
         for stage in stages:
-            code = STAGE_CODE[stage].format(path=str(path), stats=str(work / "stats"), tokens=str(work / "tokens"),
-                                            workers=args.num_workers, chunk_size=args.chunk_size)
-            warm_page_cache(path)
-            result = run_stage(WRAPPER.format(code=code))
-            workers = 1 if stage == "read" else args.num_workers
-            row = {"cells": n_cells, "stage": stage, "workers": workers, "compression": args.compression, **result,
-                   "cells_per_s": n_cells / result["seconds"]}
+            workers = args.num_workers if stage in ("fit", "tokenize", "tokenize+counts") else 1
+            row = {"cells": n_cells, "stage": stage, "workers": workers, "compression": args.compression,
+                   **median_row(runs[stage])}
+            row["cells_per_s"] = n_cells / row["seconds"]
             rows.append(row)
-            print(f"{n_cells:>8,} {stage:<16} {result['seconds']:8.2f} s {row['cells_per_s']:>10,.0f} cells/s "
-                  f"cpu {result['cpu_s']:7.2f} s  peak RSS {result['peak_rss_mib']:8.0f} MiB  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
         shutil.rmtree(work / "tokens", ignore_errors=True)
     for row in rows:
         floor = next(r for r in rows if r["cells"] == row["cells"] and r["stage"] == "read")["cells_per_s"] \
             if "read" in stages else float("nan")
         row["ratio_to_read"] = row["cells_per_s"] / floor
     print()
-    header = "| cells | stage | workers | seconds | cells/s | x read floor | CPU s | peak RSS (MiB) |"
-    print(header)
+    print(f"median of {args.repeats} runs per stage")
+    print("| cells | stage | workers | seconds | cells/s | x read floor | CPU s | peak RSS (MiB) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['cells']:,} | {r['stage']} | {r['workers']} | {r['seconds']:.2f} | {r['cells_per_s']:,.0f} | "
               f"{r['ratio_to_read']:.2f} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,.0f} |")
+    marginal = []
     if len(sizes) > 1:
         small, large = min(sizes), max(sizes)
         print()
         for stage in stages:
-            a = next(r for r in rows if r["cells"] == small and r["stage"] == stage)["peak_rss_mib"]
-            b = next(r for r in rows if r["cells"] == large and r["stage"] == stage)["peak_rss_mib"]
-            print(f"peak RSS {stage}: {large:,} cells / {small:,} cells = {b / a:.2f}")
+            a = next(r for r in rows if r["cells"] == small and r["stage"] == stage)
+            b = next(r for r in rows if r["cells"] == large and r["stage"] == stage)
+            print(f"peak RSS {stage}: {large:,} cells / {small:,} cells = {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}")
+        # the cost of the extra cells alone: what a corpus much larger than both sizes runs at (fixed costs such as
+        # starting workers, loading compiled kernels and deriving the hierarchy are paid once per run)
+        print()
+        print(f"marginal rate, the {large - small:,} cells between the two sizes")
+        print("| stage | extra seconds | cells/s | x read floor |")
+        print("|---|---:|---:|---:|")
+        for stage in stages:
+            a = next(r for r in rows if r["cells"] == small and r["stage"] == stage)
+            b = next(r for r in rows if r["cells"] == large and r["stage"] == stage)
+            extra = b["seconds"] - a["seconds"]
+            # None: the large size was not slower (sizes too close for this machine's noise)
+            marginal.append({"stage": stage, "extra_seconds": extra,
+                             "cells_per_s": (large - small) / extra if extra > 0 else None})
+        floor = next((m["cells_per_s"] for m in marginal if m["stage"] == "read"), None)
+        for m in marginal:
+            m["ratio_to_read"] = m["cells_per_s"] / floor if m["cells_per_s"] and floor else None
+            rate = f"{m['cells_per_s']:,.0f}" if m["cells_per_s"] else "n/a"
+            ratio = f"{m['ratio_to_read']:.2f}" if m["ratio_to_read"] else "n/a"
+            print(f"| {m['stage']} | {m['extra_seconds']:.2f} | {rate} | {ratio} |")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "commit": commit, "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-            "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "repeats": args.repeats}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "marginal": marginal}, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -47,6 +47,20 @@ def _reference_cell(adata, row, vocab, top_k):
     return ids[order], v[order], ids, x, total
 
 
+def test_group_ids_widen_to_int32_for_large_hierarchies(tmp_path, files):
+    paths, _, stats = files
+    vocab = GeneVocab.load(stats)
+    vocab.group_ids = vocab.group_ids.copy()
+    vocab.group_ids[:, 0] += 40_000  # more groups than int16 holds: the column is int32, the values unchanged
+    out = tokenize_files(paths[:1], vocab, tmp_path / "tokens", top_k=20, n_zeros=5, progress=False)
+    ds = datasets.load_from_disk(str(out))
+    assert ds.features["group_ids"].feature.feature.dtype == "int32"
+    ids = np.asarray(ds[0]["input_ids"])
+    groups = np.asarray(ds[0]["group_ids"])
+    np.testing.assert_array_equal(groups, vocab.token_group_ids[ids].T)
+    assert groups[0, 1:].min() > 40_000 and groups[1].max() < 40_000
+
+
 def test_dataset_contract_and_per_cell_reference(tmp_path, files):
     paths, adatas, stats = files
     out = tokenize_files(paths, stats, tmp_path / "tokens", top_k=40, n_zeros=10, seed=3, obs_keys="cell_type,score",
@@ -58,7 +72,7 @@ def test_dataset_contract_and_per_cell_reference(tmp_path, files):
                                "source", "cell_type", "score", "counts_ids", "counts"]
     feats = ds.features
     assert feats["input_ids"].feature.dtype == "int32" and feats["values"].feature.dtype == "float32"
-    assert feats["is_zero"].feature.dtype == "int8" and feats["group_ids"].feature.feature.dtype == "int32"
+    assert feats["is_zero"].feature.dtype == "int8" and feats["group_ids"].feature.feature.dtype == "int16"
     assert feats["length"].dtype == "int32" and feats["total_counts"].dtype == "float64"
     assert feats["cell_type"].dtype == "string" and feats["score"].dtype == "float64"
     # rows keep the input order, without the two empty cells

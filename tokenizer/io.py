@@ -675,3 +675,15 @@ def read_floor(path: str | os.PathLike, chunk_size: int = 2048, layer: str | Non
             chunk = source.read_rows(a, min(a + chunk_size, source.n_obs), reuse=True)
             nnz += len(chunk.data)
     return nnz
+
+
+def write_floor(path: str | os.PathLike, n_bytes: int, block: int = 16 << 20) -> int:
+    """Write ``n_bytes`` to a new file in blocks and do nothing else (the floor for writing a tokenized dataset of
+    that size, which benchmarks compare against). Returns the number of bytes written."""
+    buffer = memoryview(bytearray(block))
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        while written < n_bytes:
+            written += f.write(buffer[: min(block, n_bytes - written)])
+    return written
+

@@ -303,9 +303,9 @@ class _Tables:
     """The big tables one worker fills: the low bytes and middle 16 bits of the histogram counters (see
     :func:`~tokenizer.sketch.accumulate_rows`) and the projection sums.
 
-    Forked workers hand their tables back through memory shared with the parent (anonymous shared mappings made
-    before the fork), so nothing big is pickled back; otherwise they are private arrays, returned with the results.
-    Only the histogram rows a worker wrote to are read back (reading an untouched shared page would allocate it).
+    Forked workers fill tables in memory shared with the parent (anonymous shared mappings made before the fork),
+    so nothing big is pickled back; otherwise they are private arrays, returned with the results. Only the
+    histogram rows a worker wrote to are read back (reading an untouched shared page would allocate it).
     """
 
     def __init__(self, n_buckets: int, n_genes: int, dim: int, shared: bool):
@@ -356,10 +356,7 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
     sign_sum = np.zeros(dim, dtype=np.int64)
     profile = profile_table(sketch)
     shared = job.slot is not None and _SHARED_TABLES is not None
-    # Filled in private memory even when the parent provided shared tables: private numpy tables sit on huge pages
-    # (shared anonymous memory does not), which makes the scattered increments about a third cheaper; the rows
-    # written are copied to the shared tables at the end.
-    tables = _Tables(sketch.n_buckets, len(job.gene_ids), dim, False)
+    tables = _SHARED_TABLES[job.slot] if shared else _Tables(sketch.n_buckets, len(job.gene_ids), dim, False)
     # 32-bit counters in three parts: the hot low byte is a quarter of the memory traffic of uint32 (the rows a
     # cell touches stay in cache), the middle 16 bits are touched only where a counter passes 255, the top byte
     # practically never (memory stays flat as the corpus grows).
@@ -413,8 +410,6 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
             source.close()
     if warmup:
         return None
-    if shared:
-        _copy_written(tables, _SHARED_TABLES[job.slot], touched)
     flat = np.flatnonzero(top) if touched[4] else np.zeros(0, dtype=np.int64)
     return _FitPart(
         tables=None if shared else tables, slot=job.slot if shared else None, rows=tuple(int(t) for t in touched[:4]),
@@ -422,15 +417,6 @@ def _fit_units(job: _FitJob, report: Callable[[int], None], warmup: bool = False
         per_input=per_input, donors=state.donors, donor_detected=state.donor_detected,
         donor_measured=state.donor_measured,
     )
-
-
-def _copy_written(source: _Tables, target: _Tables, touched: np.ndarray) -> None:
-    """Copy the rows of the histogram tables written to (``touched``: first and last row of ``low``, then of ``mid``)
-    and the projection sums into ``target`` (only these are read back, see :class:`_Tables`)."""
-    for name, first, last in (("low", touched[0], touched[1]), ("mid", touched[2], touched[3])):
-        if first <= last:
-            getattr(target, name)[first:last + 1] = getattr(source, name)[first:last + 1]
-    target.proj[...] = source.proj
 
 
 def _assemble(parts: list[_FitPart], gene_ids: np.ndarray, config: dict) -> FitState:

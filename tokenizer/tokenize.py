@@ -70,7 +70,7 @@ class EncodeSpec:
     eos_id: int | None
     keep_counts: bool
     medians: np.ndarray  # (vocab_size,) per token id
-    group_ids: np.ndarray  # (vocab_size, n_levels) int32, 0 for special tokens
+    group_ids: np.ndarray  # (vocab_size, n_levels) int16 (int32 when a group id exceeds 32,767), 0 for specials
     rank_dtype: type = np.float32  # Geneformer ranks float64 values
 
     @property
@@ -128,7 +128,8 @@ def dataset_schema(spec: EncodeSpec, obs_types: dict[str, pa.DataType]) -> pa.Sc
     """The Arrow schema of a tokenized dataset (column order as in CONTRACTS.md)."""
     fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("values", pa.list_(pa.float32()))]
     if spec.with_groups:
-        fields += [pa.field("is_zero", pa.list_(pa.int8())), pa.field("group_ids", pa.list_(pa.list_(pa.int32())))]
+        group_type = pa.from_numpy_dtype(spec.group_ids.dtype)
+        fields += [pa.field("is_zero", pa.list_(pa.int8())), pa.field("group_ids", pa.list_(pa.list_(group_type)))]
     fields += [pa.field("length", pa.int32()), pa.field("total_counts", pa.float64()),
                pa.field("cell_id", pa.string()), pa.field("source", pa.string())]
     fields += [pa.field(k, t) for k, t in obs_types.items()]
@@ -143,11 +144,9 @@ def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
 
 
 @numba.njit(cache=True)
-def _group_layout(input_ids, offsets, table):
-    """Values and inner offsets of ``group_ids``: per cell, one run per level, each as long as the cell."""
+def _group_layout(input_ids, offsets, table, values, inner):
+    """Fill the values and inner offsets of ``group_ids``: per cell, one run per level, each as long as the cell."""
     n_cells, n_levels = offsets.shape[0] - 1, table.shape[1]
-    values = np.empty(input_ids.shape[0] * n_levels, dtype=np.int32)
-    inner = np.empty(n_cells * n_levels + 1, dtype=np.int32)
     pos = 0
     for i in range(n_cells):
         for level in range(n_levels):
@@ -156,7 +155,6 @@ def _group_layout(input_ids, offsets, table):
                 values[pos] = table[input_ids[p], level]
                 pos += 1
     inner[n_cells * n_levels] = pos
-    return values, inner
 
 
 def _nested_groups(input_ids: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> pa.Array:
@@ -164,7 +162,9 @@ def _nested_groups(input_ids: np.ndarray, offsets: np.ndarray, table: np.ndarray
     n_cells, n_levels = len(offsets) - 1, table.shape[1]
     outer = np.arange(0, n_cells * n_levels + 1, max(n_levels, 1), dtype=np.int32) if n_levels else \
         np.zeros(n_cells + 1, dtype=np.int32)
-    values, inner = _group_layout(input_ids, offsets, table)
+    values = np.empty(len(input_ids) * n_levels, dtype=table.dtype)
+    inner = np.empty(n_cells * n_levels + 1, dtype=np.int32)
+    _group_layout(input_ids, offsets, table, values, inner)
     return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(values)))
 
 
@@ -482,6 +482,13 @@ def _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
             "allow_non_integer": bool(allow_non_integer), "chunk_size": int(chunk_size)}
 
 
+def _narrow_groups(table: np.ndarray) -> np.ndarray:
+    """Group ids as int16 when they fit (hierarchies rarely have more than a few thousand groups per level), else
+    int32: ``group_ids`` is the largest column of a tokenized dataset, and writing it is much of tokenizing's time."""
+    fits = table.size == 0 or int(table.max()) <= np.iinfo(np.int16).max
+    return table.astype(np.int16 if fits else np.int32)
+
+
 def _prepare(inputs, vocab, geneformer_dicts, model_input_size, top_k, n_zeros, seed, target_sum, keep_counts,
              obs_keys, gene_map, cfg):
     if keep_counts and cfg["allow_non_integer"]:
@@ -495,7 +502,7 @@ def _prepare(inputs, vocab, geneformer_dicts, model_input_size, top_k, n_zeros, 
     spec = EncodeSpec(
         mode=mode.name, top_k=int(mode.top_k), n_zeros=int(mode.n_zeros), seed=int(seed),
         target_sum=float(target_sum), cls_id=mode.cls_id, eos_id=mode.eos_id, keep_counts=bool(keep_counts),
-        medians=vocab.token_medians, group_ids=vocab.token_group_ids.astype(np.int32),
+        medians=vocab.token_medians, group_ids=_narrow_groups(vocab.token_group_ids),
         rank_dtype=np.float64 if mode.name == "geneformer" else np.float32,
     )
     params = {"top_k": spec.top_k, "n_zeros": spec.n_zeros, "seed": spec.seed, "target_sum": spec.target_sum,
