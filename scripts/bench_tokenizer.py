@@ -12,7 +12,10 @@ just before each stage so that every stage starts with it in the page cache:
 - ``write``: the output floor: write as many bytes as the last tokenize stage wrote to a file beside it, in 16 MiB
   blocks, and do nothing else (one process). Tokenizing cannot be faster than writing its output.
 
-Every stage runs ``--repeats`` times in rotation and the table shows the median run. With two sizes, a second table
+Every stage runs ``--repeats`` times in rotation and the table shows the median run. With ``--baseline`` (another
+checkout, e.g. the previous release), its fit and tokenize run in the same rotation, just before this checkout's:
+the side-by-side rows show what a change gained on a machine whose speed drifts between runs. (The first run of a
+checkout compiles its kernels into its numba cache; the median of three runs leaves that run out.) With two sizes, a second table
 gives the marginal rate: the extra cells of the large size over its extra seconds, i.e. the rate of a corpus so large
 that the fixed costs of a run (starting workers, loading compiled kernels, deriving the hierarchy, writing the
 statistics) no longer count.
@@ -27,6 +30,7 @@ with 2 workers; peak RSS at the large size <= 1.2x the small one.
     python scripts/bench_tokenizer.py --sizes 50000,200000 --num_workers 2 --out bench_tokenizer.json
     python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit --repeats 1  # quick look
     python scripts/bench_tokenizer.py --sizes 50000 --compression gzip  # gzip-compressed h5ad, as real files often are
+    git worktree add /tmp/base 3bd5634 && python scripts/bench_tokenizer.py --sizes 200000 --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ STAGE_CODE = {
                        "'--out', {tokens!r}, '--num_workers', '{workers}', '--chunk_size', '{chunk_size}', "
                        "'--obs_keys', 'cell_type,donor', '--keep_counts', '--overwrite', '--quiet']) == 0",
 }
+BASELINE_STAGES = ("fit", "tokenize", "tokenize+counts")  # the stages that run the tokenizer (and use workers)
 WRAPPER = """
 import json, resource, time
 import tokenizer.cli, tokenizer.io  # imports are not part of the measurement
@@ -90,10 +95,12 @@ def warm_page_cache(path: Path) -> None:
 _BUFFER = bytearray(16 << 20)
 
 
-def run_stage(code: str) -> dict:
+def run_stage(code: str, tree: Path = ROOT) -> dict:
+    """Run one stage's code in a fresh interpreter that imports the tokenizer from ``tree`` (a checkout)."""
     start = time.perf_counter()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(tree)}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env=env, cwd=tree)
     handle = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default=None, choices=[None, "gzip", "lzf"],
                         help="HDF5 compression of the synthetic files (default none, as anndata writes by default; "
                              "real-world h5ad files are often gzip-compressed)")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout of express (e.g. `git worktree add /tmp/base <commit>`): its fit and "
+                             "tokenize run too, in rotation with this checkout's, as rows marked '@baseline'")
     parser.add_argument("--out", default="bench_tokenizer.json", help="JSON results")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -162,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the write stage writes as many bytes as tokenize did: run it with a tokenize stage")
     if "write" in stages:  # after the tokenize stages, whose output size it needs
         stages = [s for s in stages if s != "write"] + ["write"]
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None:
+        if not (baseline / "tokenizer" / "cli.py").is_file():
+            parser.error(f"--baseline {baseline} is not a checkout of express (no tokenizer/cli.py)")
+        # each fit / tokenize stage is preceded by the baseline's
+        stages = [t for s in stages for t in ([f"{s}@baseline", s] if s in BASELINE_STAGES else [s])]
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -172,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         output_bytes = 0
         for repeat in range(args.repeats):
             for stage in stages:
-                code = STAGE_CODE[stage].format(path=str(path), stats=str(work / "stats"), tokens=str(work / "tokens"),
-                                                workers=args.num_workers, chunk_size=args.chunk_size,
-                                                target=str(work / "write_floor.bin"), n_bytes=output_bytes)
+                name, _, of_baseline = stage.partition("@")
+                code = STAGE_CODE[name].format(path=str(path), stats=str(work / f"stats{'_' if of_baseline else ''}"
+                                                                             f"{of_baseline}"),
+                                               tokens=str(work / "tokens"), workers=args.num_workers,
+                                               chunk_size=args.chunk_size, target=str(work / "write_floor.bin"),
+                                               n_bytes=output_bytes)
                 if stage != "write":
                     warm_page_cache(path)
-                if stage.startswith("tokenize"):  # --overwrite would remove the last run's output inside the timing
+                if name.startswith("tokenize"):  # --overwrite would remove the last run's output inside the timing
                     shutil.rmtree(work / "tokens", ignore_errors=True)
-                result = run_stage(WRAPPER.format(code=code))
+                result = run_stage(WRAPPER.format(code=code), baseline if of_baseline else ROOT)
                 (work / "write_floor.bin").unlink(missing_ok=True)
-                if stage.startswith("tokenize"):
+                if name.startswith("tokenize") and not of_baseline:
                     output_bytes = dir_bytes(work / "tokens")
                     result["output_bytes"] = output_bytes
                 runs[stage].append(result)
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{n_cells / result['seconds']:>10,.0f} cells/s  cpu {result['cpu_s']:7.2f} s  peak RSS "
                       f"{result['peak_rss_mib']:8.0f} MiB  (load {os.getloadavg()[0]:.1f})", flush=True)
         for stage in stages:
-            workers = args.num_workers if stage in ("fit", "tokenize", "tokenize+counts") else 1
+            workers = args.num_workers if stage.partition("@")[0] in BASELINE_STAGES else 1
             row = {"cells": n_cells, "stage": stage, "workers": workers, "compression": args.compression,
                    **median_row(runs[stage])}
             row["cells_per_s"] = n_cells / row["seconds"]
@@ -235,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {m['stage']} | {m['extra_seconds']:.2f} | {rate} | {ratio} |")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    base_commit = subprocess.run(["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() if baseline else None
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "commit": commit, "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+            "commit": commit, "baseline": str(baseline) if baseline else None, "baseline_commit": base_commit, "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             "repeats": args.repeats}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "marginal": marginal}, indent=2))
