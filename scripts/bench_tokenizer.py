@@ -1,8 +1,8 @@
 """Tokenizer benchmark: cells/s and peak RSS of ``fit`` and ``tokenize`` against the I/O floor.
 
 For each corpus size a synthetic h5ad (``scripts/make_synthetic.py``: 20,000 genes, ~8% detected) is generated once
-and cached. Every stage then runs in its own fresh process, one after the other on the same file, which is read through once
-just before each stage so that every stage starts with it in the page cache:
+and cached. Every stage then runs in its own fresh process, one after the other on the same file, which is read
+through once just before each stage so that every stage starts with it in the page cache:
 
 - ``read``: the I/O floor: read every row of the file in chunks of ``--chunk_size`` cells and do nothing else
   (one process);
@@ -15,17 +15,17 @@ just before each stage so that every stage starts with it in the page cache:
 Every stage runs ``--repeats`` times in rotation and the table shows the median run. With ``--baseline`` (another
 checkout, e.g. the previous release), its fit and tokenize run in the same rotation, just before this checkout's:
 the side-by-side rows show what a change gained on a machine whose speed drifts between runs. (The first run of a
-checkout compiles its kernels into its numba cache; the median of three runs leaves that run out.) With two sizes, a second table
-gives the marginal rate: the extra cells of the large size over its extra seconds, i.e. the rate of a corpus so large
-that the fixed costs of a run (starting workers, loading compiled kernels, deriving the hierarchy, writing the
-statistics) no longer count.
+checkout compiles its kernels into its numba cache; the median of three runs leaves that run out.) With two sizes, a
+second table gives the marginal rate: the extra cells of the large size over its extra seconds, i.e. the rate of a
+corpus so large that the fixed costs of a run (starting workers, loading compiled kernels, deriving the hierarchy,
+writing the statistics) no longer count.
 
 cells/s is measured inside each process from just before the API call to its return (interpreter start-up and
 imports excluded; worker start-up included); ``wall_s`` is the whole process; ``cpu_s`` the CPU time of the process
 and its workers (useful on a shared machine, where wall-clock times depend on the other load). Peak RSS is the
 largest sum of resident memory over the process and all its children, sampled every 50 ms (shared pages of forked
-workers are counted once per process, so this overstates real memory use). Targets (issue 2): fit and tokenize >= 0.5x the floor's cells/s
-with 2 workers; peak RSS at the large size <= 1.2x the small one.
+workers are counted once per process, so this overstates real memory use). Targets (issue 2): fit and tokenize
+>= 0.5x the floor's cells/s with 2 workers; peak RSS at the large size <= 1.2x the small one.
 
     python scripts/bench_tokenizer.py --sizes 50000,200000 --num_workers 2 --out bench_tokenizer.json
     python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit --repeats 1  # quick look
@@ -134,7 +134,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def median_row(runs: list[dict]) -> dict:
-    """The run with the median time (its own CPU time and RSS), with every run's seconds attached."""
+    """The run with the median time (with its own CPU time), every run's seconds, and the peak RSS of all runs."""
     ordered = sorted(runs, key=lambda r: r["seconds"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row["all_seconds"] = [r["seconds"] for r in runs]
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for stage in stages:
                 name, _, of_baseline = stage.partition("@")
-                code = STAGE_CODE[name].format(path=str(path), stats=str(work / f"stats{'_' if of_baseline else ''}"
-                                                                             f"{of_baseline}"),
-                                               tokens=str(work / "tokens"), workers=args.num_workers,
+                stats = work / ("stats_baseline" if of_baseline else "stats")
+                code = STAGE_CODE[name].format(path=str(path), stats=str(stats), tokens=str(work / "tokens"),
+                                               workers=args.num_workers,
                                                chunk_size=args.chunk_size, target=str(work / "write_floor.bin"),
                                                n_bytes=output_bytes)
                 if stage != "write":
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name.startswith("tokenize"):  # --overwrite would remove the last run's output inside the timing
                     shutil.rmtree(work / "tokens", ignore_errors=True)
                 result = run_stage(WRAPPER.format(code=code), baseline if of_baseline else ROOT)
-                (work / "write_floor.bin").unlink(missing_ok=True)
+                if name == "write":
+                    (work / "write_floor.bin").unlink()
                 if name.startswith("tokenize") and not of_baseline:
                     output_bytes = dir_bytes(work / "tokens")
                     result["output_bytes"] = output_bytes
@@ -214,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             row["cells_per_s"] = n_cells / row["seconds"]
             rows.append(row)
         shutil.rmtree(work / "tokens", ignore_errors=True)
+    by_key = {(r["cells"], r["stage"]): r for r in rows}
     for row in rows:
-        floor = next(r for r in rows if r["cells"] == row["cells"] and r["stage"] == "read")["cells_per_s"] \
-            if "read" in stages else float("nan")
+        floor = by_key[(row["cells"], "read")]["cells_per_s"] if "read" in stages else float("nan")
         row["ratio_to_read"] = row["cells_per_s"] / floor
     print()
     print(f"median of {args.repeats} runs per stage")
@@ -230,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         small, large = min(sizes), max(sizes)
         print()
         for stage in stages:
-            a = next(r for r in rows if r["cells"] == small and r["stage"] == stage)
-            b = next(r for r in rows if r["cells"] == large and r["stage"] == stage)
+            a, b = by_key[(small, stage)], by_key[(large, stage)]
             print(f"peak RSS {stage}: {large:,} cells / {small:,} cells = {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}")
         # the cost of the extra cells alone: what a corpus much larger than both sizes runs at (fixed costs such as
         # starting workers, loading compiled kernels and deriving the hierarchy are paid once per run)
@@ -240,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| stage | extra seconds | cells/s | x read floor |")
         print("|---|---:|---:|---:|")
         for stage in stages:
-            a = next(r for r in rows if r["cells"] == small and r["stage"] == stage)
-            b = next(r for r in rows if r["cells"] == large and r["stage"] == stage)
-            extra = b["seconds"] - a["seconds"]
+            extra = by_key[(large, stage)]["seconds"] - by_key[(small, stage)]["seconds"]
             # None: the large size was not slower (sizes too close for this machine's noise)
             marginal.append({"stage": stage, "extra_seconds": extra,
                              "cells_per_s": (large - small) / extra if extra > 0 else None})
@@ -257,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     base_commit = subprocess.run(["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip() if baseline else None
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "commit": commit, "baseline": str(baseline) if baseline else None, "baseline_commit": base_commit, "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+            "commit": commit, "baseline": str(baseline) if baseline else None, "baseline_commit": base_commit,
+            "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             "repeats": args.repeats}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "marginal": marginal}, indent=2))

@@ -686,4 +686,3 @@ def write_floor(path: str | os.PathLike, n_bytes: int, block: int = 16 << 20) ->
         while written < n_bytes:
             written += f.write(buffer[: min(block, n_bytes - written)])
     return written
-
