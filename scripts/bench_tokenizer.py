@@ -2,7 +2,9 @@
 
 For each corpus size a synthetic h5ad (``scripts/make_synthetic.py``: 20,000 genes, ~8% detected) is generated once
 and cached. Every stage then runs in its own fresh process, one after the other on the same file, which is read
-through once just before each stage so that every stage starts with it in the page cache:
+through once just before each stage so that every stage starts with it in the page cache (``--cache warm``, the
+default), or dropped from the page cache before each stage (``--cache cold``: every stage reads it from the disk,
+as a run over a corpus read once does):
 
 - ``read``: the I/O floor: read every row of the file in chunks of ``--chunk_size`` cells and do nothing else
   (one process);
@@ -30,6 +32,7 @@ workers are counted once per process, so this overstates real memory use). Targe
     python scripts/bench_tokenizer.py --sizes 50000,200000 --num_workers 2 --out bench_tokenizer.json
     python scripts/bench_tokenizer.py --sizes 20000 --stages read,fit --repeats 1  # quick look
     python scripts/bench_tokenizer.py --sizes 50000 --compression gzip  # gzip-compressed h5ad, as real files often are
+    python scripts/bench_tokenizer.py --sizes 200000 --cache cold  # the input read from the disk by every stage
     git worktree add /tmp/base 3bd5634 && python scripts/bench_tokenizer.py --sizes 200000 --baseline /tmp/base
 """
 
@@ -95,6 +98,17 @@ def warm_page_cache(path: Path) -> None:
 _BUFFER = bytearray(16 << 20)
 
 
+def evict_page_cache(path: Path) -> None:
+    """Drop the file's pages from the page cache (``posix_fadvise(DONTNEED)``; no root needed), so that the next
+    stage reads it from the disk. Only clean pages can be dropped: the file is flushed first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def run_stage(code: str, tree: Path = ROOT) -> dict:
     """Run one stage's code in a fresh interpreter that imports the tokenizer from ``tree`` (a checkout)."""
     start = time.perf_counter()
@@ -156,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default=None, choices=[None, "gzip", "lzf"],
                         help="HDF5 compression of the synthetic files (default none, as anndata writes by default; "
                              "real-world h5ad files are often gzip-compressed)")
+    parser.add_argument("--cache", default="warm", choices=["warm", "cold"],
+                        help="start every stage with the input in the page cache (warm, default) or dropped from it "
+                             "(cold: read from the disk)")
     parser.add_argument("--baseline", default=None,
                         help="another checkout of express (e.g. `git worktree add /tmp/base <commit>`): its fit and "
                              "tokenize run too, in rotation with this checkout's, as rows marked '@baseline'")
@@ -195,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                                chunk_size=args.chunk_size, target=str(work / "write_floor.bin"),
                                                n_bytes=output_bytes)
                 if stage != "write":
-                    warm_page_cache(path)
+                    (warm_page_cache if args.cache == "warm" else evict_page_cache)(path)
                 if name.startswith("tokenize"):  # --overwrite would remove the last run's output inside the timing
                     shutil.rmtree(work / "tokens", ignore_errors=True)
                 result = run_stage(WRAPPER.format(code=code), baseline if of_baseline else ROOT)
@@ -211,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             workers = args.num_workers if stage.partition("@")[0] in BASELINE_STAGES else 1
             row = {"cells": n_cells, "stage": stage, "workers": workers, "compression": args.compression,
+                   "cache": args.cache,
                    **median_row(runs[stage])}
             row["cells_per_s"] = n_cells / row["seconds"]
             rows.append(row)
@@ -220,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         floor = by_key[(row["cells"], "read")]["cells_per_s"] if "read" in stages else float("nan")
         row["ratio_to_read"] = row["cells_per_s"] / floor
     print()
-    print(f"median of {args.repeats} runs per stage")
+    print(f"median of {args.repeats} runs per stage, input {args.cache} in the page cache at the start of each")
     print("| cells | stage | workers | seconds | cells/s | x read floor | CPU s | peak RSS (MiB) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -258,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": commit, "baseline": str(baseline) if baseline else None, "baseline_commit": base_commit,
             "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-            "repeats": args.repeats}
+            "repeats": args.repeats, "cache": args.cache}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "marginal": marginal}, indent=2))
     print(f"\nwrote {args.out}")
     return 0

@@ -46,7 +46,7 @@ def _splitmix64(state: np.uint64) -> tuple[np.uint64, np.uint64]:
     return state, z ^ (z >> _S31)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _mix_seeds(seed: np.uint64, keys: np.ndarray) -> np.ndarray:
     out = np.empty(keys.shape[0], dtype=np.uint64)
     _, base = _splitmix64(seed)
@@ -112,7 +112,7 @@ def _insertion_descending(a, lo, hi):
         a[q + 1] = key
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _sort_run(a, lo, hi, scratch, digits):
     """Sort ``a[lo:hi]`` (keys sharing their radix bucket) in descending order: short runs by insertion; long ones
     first by a counting sort on the next 8 bits, which leaves only equal-digit neighbours for the insertion pass."""
@@ -134,7 +134,7 @@ def _sort_run(a, lo, hi, scratch, digits):
     _insertion_descending(a, lo, hi)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _top_keys(keys, m, k, hist, low, high, out, candidates, scratch, digits):
     """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``.
 
@@ -174,7 +174,7 @@ def _top_keys(keys, m, k, hist, low, high, out, candidates, scratch, digits):
         hist[b] = 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, top_k, ids, out_ids, out_values, pos):
     """Rank one cell's detected genes by their float64 value (ties: smaller token id) and write the top ``top_k``.
 
@@ -205,7 +205,7 @@ def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, to
     return pos, m
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _encode(
     indptr, indices, data, col_map, totals, medians, cell_seeds, candidates, candidate_mask,
     top_k, n_zeros, cls_id, eos_id, target_sum, offsets, out_ids, out_values, out_zero, rank64, detected, dense,

@@ -70,9 +70,10 @@ class CountSource:
     def obs_column(self, key: str) -> pd.Series:
         raise NotImplementedError
 
-    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
-        """Rows ``[start, stop)``. With ``reuse``, the arrays may be buffers that the next call overwrites (the
-        chunk pipeline consumes each block before reading the next; no fresh memory per block)."""
+    def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
+        """Rows ``[start, stop)``. With ``reuse``, the arrays may be buffers that the next call with the same
+        ``slot`` overwrites (no fresh memory per block; the chunk pipeline alternates two slots, reading one block
+        while the caller works on the other)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -158,7 +159,7 @@ class H5adSource(CountSource):
             self.n_obs, self.n_vars = (int(n) for n in node.attrs["shape"])
             self._data, self._indices, self._indptr = node["data"], node["indices"], node["indptr"]
             self._dense = None
-            self._buffers = None
+            self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             if self._indptr.shape[0] != self.n_obs + 1:
                 raise CorruptFileError(f"{self.name}: {matrix_path}/indptr has {self._indptr.shape[0]} entries "
                                        f"for {self.n_obs} cells")
@@ -208,7 +209,7 @@ class H5adSource(CountSource):
     def obs_column(self, key: str) -> pd.Series:
         return pd.Series(self._read(f"obs/{key}"))
 
-    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
+    def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
         if self._dense is not None:
             return _dense_to_chunk(start, np.asarray(self._dense[start:stop]))
         indptr = self._indptr[start:stop + 1].astype(np.int64)
@@ -217,10 +218,12 @@ class H5adSource(CountSource):
             return RawChunk(start, indptr - lo, self._indices[lo:hi], self._data[lo:hi])
         # read straight into buffers kept across calls: no fresh pages to fault in and zero for every block, which
         # also leaves the caches to the work done on the block
-        if self._buffers is None or len(self._buffers[0]) < hi - lo:
+        buffers = self._buffers.get(slot)
+        if buffers is None or len(buffers[0]) < hi - lo:
             size = int((hi - lo) * 1.25)
-            self._buffers = (np.empty(size, dtype=self._indices.dtype), np.empty(size, dtype=self._data.dtype))
-        indices, data = self._buffers[0][: hi - lo], self._buffers[1][: hi - lo]
+            buffers = self._buffers[slot] = (np.empty(size, dtype=self._indices.dtype),
+                                             np.empty(size, dtype=self._data.dtype))
+        indices, data = buffers[0][: hi - lo], buffers[1][: hi - lo]
         self._indices.read_direct(indices, np.s_[lo:hi])
         self._data.read_direct(data, np.s_[lo:hi])
         return RawChunk(start, indptr - lo, indices, data)
@@ -307,7 +310,7 @@ class AnnDataSource(CountSource):
     def obs_column(self, key: str) -> pd.Series:
         return self.adata.obs[key].reset_index(drop=True)
 
-    def read_rows(self, start: int, stop: int, reuse: bool = False) -> RawChunk:
+    def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
         m = self._matrix
         if sp.issparse(m) and m.format == "csr":
             lo, hi = int(m.indptr[start]), int(m.indptr[stop])
@@ -423,7 +426,7 @@ def duplicated_targets(col_map: np.ndarray) -> np.ndarray:
 
 
 # --- numba kernels ----------------------------------------------------------------------------------------------------
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scan(indptr, indices, data, n_cols, allow_non_integer):
     """Row sums over all genes, whether every stored value is positive, and the position and kind of the first bad
     entry (-1, 0 when all are fine; kind 4: a column index outside the matrix)."""
@@ -448,7 +451,7 @@ def _scan(indptr, indices, data, n_cols, allow_non_integer):
     return totals, positive, -1, 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scan_integers(indptr, indices, data, n_cols):
     """:func:`_scan` for integer counts of at most 32 bits: only negative values can be bad, and the sums are exact
     integers (so summing them as int64 gives the float64 sums bit for bit), in loops the compiler vectorises."""
@@ -498,7 +501,7 @@ for _i in range(64):
     _DEBRUIJN_TABLE[(((1 << _i) * _DEBRUIJN_INT) & 0xFFFFFFFFFFFFFFFF) >> 58] = _i
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _remap(indptr, indices, data, col_map, n_target, merge, table):
     """Map columns to target ids, dropping unmapped columns (col_map -1) and explicitly stored zeros.
 
@@ -605,6 +608,32 @@ def read_obs_totals(source: CountSource, key: str) -> np.ndarray:
     return totals
 
 
+def read_ahead(source: CountSource, blocks: list[tuple[int, int]]) -> Iterator[RawChunk]:
+    """``source.read_rows(a, b, reuse=True)`` for every block ``(a, b)``, each block read by a background thread
+    while the caller works on the one before.
+
+    On a file that is not in the page cache, reading waits on the disk for about as long as checking and encoding
+    the block takes; overlapped, the two no longer add up. h5py releases the GIL while it reads and the kernels that
+    consume a block release it while they run, so the thread and the caller really run at once. Blocks alternate
+    between two buffer slots of the source: a block stays valid until the caller asks for the next one, when the
+    read of the one after starts into its buffers. Exceptions of a read (a damaged file)
+    are raised where the block would have been yielded; leaving the loop early waits for the read in flight.
+    """
+    if len(blocks) <= 1:
+        for a, b in blocks:
+            yield source.read_rows(a, b, reuse=True)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="express-read") as pool:
+        pending = pool.submit(source.read_rows, *blocks[0], True, 0)
+        for k in range(len(blocks)):
+            raw = pending.result()
+            if k + 1 < len(blocks):
+                pending = pool.submit(source.read_rows, *blocks[k + 1], True, (k + 1) % 2)
+            yield raw
+
+
 def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, chunk_size: int,
                 labels: np.ndarray | None = None, remap: bool = True) -> Iterator[Chunk]:
     """Read, check and map rows ``[start, stop)`` in chunks of ``chunk_size`` cells.
@@ -616,9 +645,8 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
     """
     if not remap and plan.merge:
         raise ValueError("duplicate genes must be merged: iterate with remap=True")
-    for a in range(start, stop, chunk_size):
-        b = min(a + chunk_size, stop)
-        raw = source.read_rows(a, b, reuse=True)
+    for raw in read_ahead(source, [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]):
+        a, b = raw.start, raw.start + len(raw.indptr) - 1
         totals, positive, bad, kind = scan_counts(raw.indptr, raw.indices, raw.data, len(plan.col_map),
                                                   plan.allow_non_integer)
         if bad >= 0:

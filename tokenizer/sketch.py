@@ -141,7 +141,7 @@ def add_counters(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _values_at_rank(counts, ranks, bucket_values):
     """Per gene (column), the reported value of the bucket holding its ``ranks[g]``-th smallest observation."""
     n_buckets, n_genes = counts.shape
@@ -247,7 +247,7 @@ def _cell_hash(key, base):
     return u >> np.uint64(1), (u & np.uint64(1)) == 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _cell_hashes(keys, base, dim):
     coord = np.empty(keys.shape[0], dtype=np.int64)
     negative = np.empty(keys.shape[0], dtype=np.bool_)
@@ -272,7 +272,7 @@ _LOG_TABLE = np.log(np.maximum(np.arange(4096, dtype=np.float64), 1.0))  # log o
 _SMALL_COUNTS = 32  # per cell, the bucket of every integer count below this is worked out once
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
                 low, high, proj, proj_base, donor_detected, sign_sum, profile, log_table):
     """Add a chunk of cells to 32-bit counters kept as two uint16 halves ``low`` and ``high`` (see
@@ -285,7 +285,7 @@ def _accumulate(indptr, indices, data, col_map, totals, keys, donor_codes, targe
                            touched)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def accumulate_rows(indptr, indices, data, col_map, totals, keys, donor_codes, target_sum, inv_log_gamma, offset,
                     low, mid, top, proj, proj_base, donor_detected, sign_sum, profile, log_table, touched):
     """Add a chunk of cells to the accumulators; returns the number of cells used (``totals > 0``) and the number of
@@ -392,7 +392,7 @@ def combine_halves(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return low.astype(np.uint32) | (high.astype(np.uint32) << np.uint32(16))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _add_into(wide, narrow):
     """``wide += narrow; narrow[:] = 0`` for counter tables of the same shape (numpy's mixed-type add is slow)."""
     w = wide.reshape(-1)

@@ -143,7 +143,7 @@ def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), pa.array(values))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _group_layout(input_ids, offsets, table, values, inner):
     """Fill the values and inner offsets of ``group_ids``: per cell, one run per level, each as long as the cell."""
     n_cells, n_levels = offsets.shape[0] - 1, table.shape[1]
