@@ -9,7 +9,8 @@ Every chunk is checked as it is read: negative, NaN/inf and (unless ``allow_non_
 :class:`~tokenizer.errors.InvalidCountsError` naming the file, the first offending cell and gene.
 
 The chunk pipeline used by both ``fit`` and ``tokenize`` is :func:`iter_chunks`: read -> check -> library sizes ->
-map columns to a target gene index (vocabulary token ids, or the corpus gene list), summing duplicate genes.
+map columns to a target gene index (vocabulary token ids, or the corpus gene list), summing duplicate genes. Each
+block is read by a background thread while the one before is worked on (:func:`read_ahead`).
 """
 
 from __future__ import annotations
