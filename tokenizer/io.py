@@ -617,17 +617,13 @@ def read_ahead(source: CountSource, blocks: list[tuple[int, int]]) -> Iterator[R
     the block takes; overlapped, the two no longer add up. h5py releases the GIL while it reads and the kernels that
     consume a block release it while they run, so the thread and the caller really run at once. Blocks alternate
     between two buffer slots of the source: a block stays valid until the caller asks for the next one, when the
-    read of the one after starts into its buffers. Exceptions of a read (a damaged file)
-    are raised where the block would have been yielded; leaving the loop early waits for the read in flight.
+    read of the one after starts into its buffers. Exceptions of a read (a damaged file) are raised where the block
+    would have been yielded; leaving the loop early waits for the read in flight.
     """
-    if len(blocks) <= 1:
-        for a, b in blocks:
-            yield source.read_rows(a, b, reuse=True)
-        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="express-read") as pool:
-        pending = pool.submit(source.read_rows, *blocks[0], True, 0)
+        pending = pool.submit(source.read_rows, *blocks[0], True, 0) if blocks else None
         for k in range(len(blocks)):
             raw = pending.result()
             if k + 1 < len(blocks):
@@ -646,8 +642,8 @@ def iter_chunks(source: CountSource, plan: SourcePlan, start: int, stop: int, ch
     """
     if not remap and plan.merge:
         raise ValueError("duplicate genes must be merged: iterate with remap=True")
-    for raw in read_ahead(source, [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]):
-        a, b = raw.start, raw.start + len(raw.indptr) - 1
+    blocks = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
+    for raw, (a, b) in zip(read_ahead(source, blocks), blocks):  # the reader first: it runs to its end and joins
         totals, positive, bad, kind = scan_counts(raw.indptr, raw.indices, raw.data, len(plan.col_map),
                                                   plan.allow_non_integer)
         if bad >= 0:
