@@ -45,3 +45,33 @@ def test_bench_tokenizer_smoke(tmp_path):
     assert payload["meta"]["cache"] == "cold" and {r["cache"] for r in payload["rows"]} == {"cold"}
     assert "input cold in the page cache at the start of each" in result.stdout
     assert "| 600 | tokenize@baseline | 2 |" in result.stdout and "marginal rate, the 300 cells" in result.stdout
+
+
+def test_bench_fit_kernel_smoke(tmp_path):
+    out = tmp_path / "kernel.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_fit_kernel.py"), "--n_cells", "300", "--n_genes", "400",
+         "--cells", "250", "--chunk_size", "64", "--repeats", "2", "--data_dir", str(tmp_path / "data"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    steps = ["read", "scan", "accumulate", "accumulate, histogram only", "accumulate, one library size",
+             "count per gene"]
+    assert [r["step"] for r in payload["rows"]] == steps
+    # the stored counts it divides by are those of the first 250 rows of the file
+    import h5py
+
+    with h5py.File(tmp_path / "data" / "synthetic_300x400_s0.h5ad") as f:
+        assert payload["meta"]["stored_counts"] == int(f["X"]["indptr"][250]) > 0
+    rows = {r["step"]: r for r in payload["rows"]}
+    assert all(len(r["all_ns_per_count"]) == 2 and r["min_ns_per_count"] <= r["ns_per_count"] for r in rows.values())
+    # and again in two processes at once (the default), each with its own runs
+    assert payload["meta"]["processes"] == 2
+    assert all(len(r["all_ns_per_count_at_once"]) == 4 and r["ns_per_count_at_once"] > 0 for r in rows.values())
+    assert rows["read"]["ratio_to_read"] == 1.0 and all(r["ns_per_count"] > 0 for r in rows.values())
+    assert payload["budget_ns_per_count"] == 4 * rows["read"]["ns_per_count"]
+    work = sum(rows[s]["ns_per_count_at_once"] for s in ("read", "scan", "accumulate"))
+    assert payload["work_ns_per_count"] == work
+    assert "| accumulate, one library size |" in result.stdout and "each of 2 processes at once" in result.stdout
