@@ -1,4 +1,4 @@
-"""Where fit's time per stored count goes: the read, the value check and the accumulation kernel, in one process.
+"""Where fit's time per stored count goes: the read, the value check and the accumulation kernel, step by step.
 
 ``scripts/bench_tokenizer.py`` times whole runs of ``express-tokenize fit`` against the read floor. This script takes
 the run apart. It reads the first ``--cells`` rows of a synthetic corpus (the same file ``bench_tokenizer.py``
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_tokenizer import ensure_corpus  # noqa: E402
 from tokenizer.io import H5adSource, scan_counts  # noqa: E402
 from tokenizer.sketch import _LOG_TABLE, QuantileSketch, _projection_base, accumulate_rows, profile_table  # noqa: E402
+from tokenizer.stats import _Tables  # noqa: E402
 
 
 @numba.njit(nogil=True)
@@ -54,13 +55,13 @@ def count_per_gene(indices: np.ndarray, counters: np.ndarray) -> None:
 
 
 class Kernel:
-    """The fitting kernel's tables, as one fit worker holds them, and a call over one block."""
+    """The fitting kernel's tables, as one fit worker holds them (fit's own :class:`~tokenizer.stats._Tables`),
+    and a call over one block."""
 
     def __init__(self, n_genes: int, dim: int, relative_accuracy: float):
         self.sketch = QuantileSketch(n_genes, relative_accuracy)
-        shape = (self.sketch.n_buckets, n_genes)
-        self.low, self.mid, self.top = np.zeros(shape, np.uint8), np.zeros(shape, np.uint16), np.zeros(shape, np.uint8)
-        self.proj = np.zeros((dim, n_genes), np.int64)
+        self.tables = _Tables(self.sketch.n_buckets, n_genes, dim, shared=False)
+        self.top = np.zeros(self.tables.low.shape, np.uint8)
         self.sign_sum = np.zeros(dim, np.int64)
         self.profile = profile_table(self.sketch)
         self.base = _projection_base(0)
@@ -73,9 +74,9 @@ class Kernel:
         touched = np.array([self.sketch.n_buckets, -1, self.sketch.n_buckets, -1, 0], np.int64)
         keys = np.arange(start, start + n, dtype=np.uint64)  # cell identities (the projection's hash input)
         used, _ = accumulate_rows(indptr, indices, data, self.col_map, totals, keys, np.full(n, -1, np.int64), 1e4,
-                                  self.sketch.inv_log_gamma, self.sketch.offset, self.low, self.mid, self.top,
-                                  self.proj, self.base, self.no_donors, self.sign_sum, self.profile, _LOG_TABLE,
-                                  touched)
+                                  self.sketch.inv_log_gamma, self.sketch.offset, self.tables.low, self.tables.mid,
+                                  self.top, self.tables.proj, self.base, self.no_donors, self.sign_sum, self.profile,
+                                  _LOG_TABLE, touched)
         return used
 
 

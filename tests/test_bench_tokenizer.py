@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+
 from tokenizer.io import write_floor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +63,6 @@ def test_bench_fit_kernel_smoke(tmp_path):
              "count per gene"]
     assert [r["step"] for r in payload["rows"]] == steps
     # the stored counts it divides by are those of the first 250 rows of the file
-    import h5py
-
     with h5py.File(tmp_path / "data" / "synthetic_300x400_s0.h5ad") as f:
         assert payload["meta"]["stored_counts"] == int(f["X"]["indptr"][250]) > 0
     rows = {r["step"]: r for r in payload["rows"]}
