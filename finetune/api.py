@@ -10,87 +10,129 @@
     vae = api.train_vae(adata, model="none", encoder="mlp", batch_key="batch", label_key="cell_type")
     adt = api.fit_proteins(adata, model="none", encoder="mlp", protein_obsm_key="protein_counts")
     api.predict_proteins(adata, adt)            # obsm['express_protein'] (DataFrame, normalised levels)
-    api.save_model(vae, "my_vae")               # save_pretrained (+ the vocabulary for the transformer)
+    api.save_model(vae, "my_vae")               # save_pretrained (+ the vocabulary and tokenization spec)
     vae = api.load_model("my_vae")
 
-``model`` is a pretrained express folder (the transformer encoder starts from its weights and tokenizes with its
-vocabulary) or ``"none"``: the MLP encoder (``encoder="mlp"``), or a transformer from random weights with a
-vocabulary fitted on ``adata`` ("express without pretraining"). Training options are the fields of
-:class:`~finetune.trainer.TrainSettings` (``epochs``, ``lr``, ``batch_size``, ``objective``, ``n_samples``, ...).
+``model`` is a pretrained express folder (the transformer encoder starts from its weights and tokenizes new cells
+with its vocabulary and ``tokenization.json``) or ``"none"``: the MLP encoder (``encoder="mlp"``), or a transformer
+from random weights with a vocabulary fitted on ``adata`` ("express without pretraining"). Training options are the
+fields of :class:`TrainSettings` (``epochs``, ``lr``, ``batch_size``, ...); the head's settings are declared fields of
+its config (:class:`~modeling.ExpressConfig`, :class:`~modeling.ExpressVAEConfig`), given as ``head={...}``.
+
+The returned models carry ``model.vocab`` and ``model.tokenization`` (the transformer's :class:`~tokenizer.GeneVocab`
+and :class:`~tokenizer.TokenizationSpec`; ``None`` for the MLP encoder), which :func:`save_model` writes beside the
+weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from modeling import ExpressConfig
-from modeling.modeling_vae import ExpressForCellTypes, ExpressForProteinRegression, ExpressForVAE, HeadSettings
+from modeling import ExpressConfig, ExpressVAEConfig
+from modeling.modeling_heads import ExpressHeadPreTrainedModel
+from tokenizer import GeneVocab, TokenizationSpec
 
 from .data import (
-    UNLABELLED,
-    CellTable,
     FinetuneDataError,
-    build_table,
+    cells_for_model,
+    collator_for,
     fit_protein_reference,
     label_categories,
     protein_counts,
+    require_obs,
     select_genes,
 )
-from .trainer import TrainSettings, fit, predict
 
 logger = logging.getLogger(__name__)
 
-HEAD_CLASSES = {cls.__name__: cls for cls in (ExpressForCellTypes, ExpressForVAE, ExpressForProteinRegression)}
+TASKS = ("cell-type", "vae", "adt")
+CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
+MIN_TRAINING_CELLS = 10  # fewer than this cannot be split, batched and trained in any meaningful way
+MIN_CELLS_PER_CLASS = 3
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one fine-tuning run (the head's own settings are config fields).
+
+    Args:
+        epochs, max_steps: training length (``max_steps`` wins when given).
+        batch_size: cells per step and process (at most the training cells per process).
+        lr: learning rate of the heads (and of the MLP encoder); encoder_lr: of the transformer encoder (default
+            ``lr / 10`` for a pretrained one, else ``lr``).
+        weight_decay, warmup_ratio, grad_clip: AdamW's decay, the warm-up share of the steps, gradient clipping.
+        kl_warmup_ratio: share of the steps over which the VAE's KL weight rises to 1.
+        validation_fraction: training cells held back to choose the best epoch by their loss (0: keep the last).
+        class_weighting: per-class loss weights from the training labels (cell types): ``"balanced"``
+            (``n / (C n_c)``: every class weighs as much as any other, as in macro-F1), ``"sqrt"`` (its square root)
+            or ``"none"``; stored as ``config.class_weights``.
+        seed: seeds the head's initialisation, the validation split and the batches.
+    """
+
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    encoder_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    kl_warmup_ratio: float = 0.3
+    validation_fraction: float = 0.1
+    class_weighting: Literal["none", "balanced", "sqrt"] = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
+        if self.epochs < 1 or self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs, batch_size and max_steps must be >= 1")
+
+
+def class_weights(labels: np.ndarray, n_classes: int, method: str) -> list[float] | None:
+    """Per-class loss weights from the training cells' labels (-100 = unlabelled, ignored): ``"balanced"`` gives
+    class ``c`` the weight ``n / (C * n_c)`` (every class weighs as much in the loss as any other), ``"sqrt"`` its
+    square root, ``"none"`` returns None. Classes without a training cell get weight 0 (they cannot occur)."""
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {method!r}")
+    if method == "none":
+        return None
+    counts = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return (np.sqrt(weights) if method == "sqrt" else weights).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Building a model for an AnnData
 # ---------------------------------------------------------------------------------------------------------------------
-def _vocab_for(model: str | os.PathLike, encoder: str, adata: ad.AnnData, gene_id_key, layer):
-    if encoder != "transformer":
-        return None
-    from tokenizer import GeneVocab
-
-    if str(model) != "none":
-        return GeneVocab.load(model)
-    from tokenizer.stats import fit_statistics
-
-    logger.info("fitting a vocabulary on the %d training cells (transformer without pretraining)", adata.n_obs)
-    return fit_statistics([adata], None, gene_id_key=gene_id_key, layer=layer, progress=False)
-
-
-def _pretrained_tokenization(model: str | os.PathLike) -> dict:
-    """How the pretrained model's corpus was tokenized (``tokenization.json`` beside its weights, written by
-    ``pretrain/run.py``); empty (the tokenizer's defaults) for a folder without one."""
-    from pretrain.data import TOKENIZATION_FILE
-
-    path = Path(model) / TOKENIZATION_FILE
-    if not path.is_file():
-        logger.info("%s has no %s: new cells are tokenized with the tokenizer's defaults", model, TOKENIZATION_FILE)
-        return {}
-    return json.loads(path.read_text())
+def _encoder_fields(config: ExpressConfig) -> dict:
+    """A pretrained config's fields, without what identifies its own class (so a head's config class takes them)."""
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "id2label", "label2id",
+                "problem_type", "dtype"):
+        fields.pop(key, None)
+    return fields
 
 
 def _labels(adata, label_key, labelled_key, unlabelled_category) -> tuple[list[str], np.ndarray | None]:
     if label_key is None:
         return [], None
-    if label_key not in adata.obs:
-        raise FinetuneDataError(f"label key {label_key!r} is not an obs column; columns: {list(adata.obs.columns)}")
-    values = adata.obs[label_key].astype(object).to_numpy()
+    values = require_obs(adata, label_key).astype(object).to_numpy()
     mask = np.ones(adata.n_obs, dtype=bool)
     if labelled_key is not None:
-        if labelled_key not in adata.obs:
-            raise FinetuneDataError(f"labelled key {labelled_key!r} is not an obs column")
-        mask = adata.obs[labelled_key].to_numpy().astype(bool)
+        mask = require_obs(adata, labelled_key).to_numpy().astype(bool)
     unlabelled = [unlabelled_category] if unlabelled_category is not None else []
     names = label_categories(values[mask], unlabelled=unlabelled)  # only labelled cells define the classes
     if not names:
@@ -101,10 +143,8 @@ def _labels(adata, label_key, labelled_key, unlabelled_category) -> tuple[list[s
 def _parents(adata, label_key, hierarchy_key, names, mask) -> list[int] | None:
     if hierarchy_key is None:
         return None
-    if hierarchy_key not in adata.obs:
-        raise FinetuneDataError(f"hierarchy key {hierarchy_key!r} is not an obs column")
     pairs = pd.DataFrame({"fine": adata.obs[label_key].astype(str).to_numpy()[mask],
-                          "coarse": adata.obs[hierarchy_key].astype(str).to_numpy()[mask]}).drop_duplicates()
+                          "coarse": require_obs(adata, hierarchy_key).astype(str).to_numpy()[mask]}).drop_duplicates()
     clash = pairs[pairs["fine"].duplicated(keep=False)]
     if len(clash):
         raise FinetuneDataError(
@@ -116,125 +156,239 @@ def _parents(adata, label_key, hierarchy_key, names, mask) -> list[int] | None:
     return [coarse.index(lookup[n]) for n in names]
 
 
+def _pretrained(model: str | os.PathLike) -> tuple[ExpressConfig, GeneVocab, TokenizationSpec]:
+    """A pretrained model folder's config, vocabulary and tokenization, with one clear error when it is not one."""
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FinetuneDataError(f"{path} is not a model folder (no config.json); pass a folder written by "
+                                "pretrain/run.py (its final/), or --model none")
+    try:
+        config = ExpressConfig.from_pretrained(path)
+        vocab = GeneVocab.load(path)
+    except (OSError, ValueError) as err:
+        raise FinetuneDataError(f"{path} is not an express model with its vocabulary: {err}") from None
+    try:
+        spec = TokenizationSpec.load(path)
+    except FileNotFoundError:
+        logger.info("%s has no tokenization.json: new cells are tokenized with the tokenizer's defaults", path)
+        spec = TokenizationSpec()
+    return config, vocab, spec.replace(measured_genes={})
+
+
 def prepare_model(
     task: str, adata: ad.AnnData, *, model: str | os.PathLike = "none", encoder: str = "transformer",
     label_key: str | None = None, batch_key: str | None = None, protein_obsm_key: str | None = None,
     gene_id_key: str | None = None, layer: str | None = None, n_top_genes: int | None = 2000,
     unlabelled_category: str | None = None, labelled_key: str | None = None, hierarchy_key: str | None = None,
     prior: str = "auto", protein_head: str = "regression", protein_norm: str = "clr", freeze_layers: int = 0,
-    head: dict | None = None, transformer: dict | None = None, tokenize: dict | None = None,
-) -> tuple[torch.nn.Module, CellTable]:
-    """Build the head model for ``task`` ("cell-type", "vae", "adt") sized to ``adata`` and align ``adata`` to it.
+    head: dict | None = None, transformer: dict | None = None, tokenization: TokenizationSpec | dict | None = None,
+) -> ExpressHeadPreTrainedModel:
+    """The head model for ``task`` ("cell-type", "vae", "adt") sized to ``adata``.
 
-    ``head``: further :class:`~modeling.modeling_vae.HeadSettings` fields (``n_latent``, ``covariance``, ...);
-    ``transformer``: :class:`ExpressConfig` fields for a transformer built from scratch; ``tokenize``: arguments of
-    ``tokenizer.tokenize_adata`` (``top_k``, ``n_zeros``) for the transformer encoder. For a pretrained model, those
-    not given default to how its pretraining corpus was tokenized (its ``tokenization.json``), else to the
-    tokenizer's defaults.
+    ``head``: further config fields of the head (``n_latent``, ``covariance``, ``head_dropout``, ...; see
+    :class:`~modeling.ExpressConfig` and :class:`~modeling.ExpressVAEConfig`); ``transformer``: ``ExpressConfig``
+    fields of a transformer built from scratch; ``tokenization``: how the transformer tokenizes cells (a spec, or a
+    dict of its fields overriding the pretrained model's own ``tokenization.json``, else the tokenizer's defaults).
     """
-    if task not in ("cell-type", "vae", "adt"):
-        raise ValueError(f"task must be 'cell-type', 'vae' or 'adt', got {task!r}")
+    from modeling import ExpressForCellClassification, ExpressForVAE
+
+    if task not in TASKS:
+        raise FinetuneDataError(f"task must be one of {TASKS}, got {task!r}")
     if encoder not in ("transformer", "mlp"):
-        raise ValueError(f"encoder must be 'transformer' or 'mlp', got {encoder!r}")
+        raise FinetuneDataError(f"encoder must be 'transformer' or 'mlp', got {encoder!r}")
     if task == "cell-type" and label_key is None:
-        raise ValueError("the cell-type task needs label_key (the obs column of cell types)")
+        raise FinetuneDataError("the cell-type task needs label_key (the obs column of cell types)")
     if task == "adt" and protein_obsm_key is None:
-        raise ValueError("the adt task needs protein_obsm_key (the obsm entry of raw protein counts)")
+        raise FinetuneDataError("the adt task needs protein_obsm_key (the obsm entry of raw protein counts)")
     pretrained = str(model) != "none"
     if pretrained and encoder == "mlp":
-        raise ValueError("the MLP encoder has no pretrained weights: use model='none' with encoder='mlp'")
-    vocab = _vocab_for(model, encoder, adata, gene_id_key, layer)
-    if pretrained:  # explicit arguments win over how the pretraining corpus was tokenized
-        tokenize = {**_pretrained_tokenization(model), **(tokenize or {})}
+        raise FinetuneDataError("the MLP encoder has no pretrained weights: use model='none' with encoder='mlp'")
+    vocab = spec = base = None
+    if pretrained:
+        base, vocab, spec = _pretrained(model)
+    elif encoder == "transformer":
+        from tokenizer.stats import fit_statistics
+
+        logger.info("fitting a vocabulary on the %d training cells (transformer without pretraining)", adata.n_obs)
+        vocab = fit_statistics([adata], None, gene_id_key=gene_id_key, layer=layer, progress=False)
+        spec = TokenizationSpec()
+    if isinstance(tokenization, TokenizationSpec):
+        spec = tokenization
+    elif tokenization and spec is not None:
+        spec = spec.replace(**tokenization)
+
     names, mask = _labels(adata, label_key, labelled_key, unlabelled_category)
-    if prior == "auto":
-        prior = "mixture" if names else "normal"
-    if task == "vae" and prior == "mixture" and not names:
-        raise ValueError("the mixture prior ties components to cell types: pass label_key")
+    if task == "cell-type" and len(names) < 2:
+        raise FinetuneDataError(f"obs[{label_key!r}] has a single class ({names}): a classifier needs at least two")
     is_vae = task == "vae" or (task == "adt" and protein_head == "nb")
-    genes = select_genes(adata, n_top_genes, gene_id_key=gene_id_key, layer=layer) \
-        if (encoder == "mlp" or is_vae) else []
-    proteins, reference = [], []
+    fields: dict = {"encoder": encoder}
+    if encoder == "mlp" or is_vae:
+        fields["gene_panel"] = select_genes(adata, n_top_genes, gene_id_key=gene_id_key, layer=layer)
+    raw = None
     if task == "adt":
         raw, proteins = protein_counts(adata, protein_obsm_key)
-        reference = fit_protein_reference(raw, protein_norm)
-    settings = HeadSettings(
-        encoder=encoder, input_genes=genes if encoder == "mlp" else [], decoder_genes=genes if is_vae else [],
-        prior=prior if task == "vae" else "normal",
-        label_parents=_parents(adata, label_key, hierarchy_key, names, mask) if task == "vae" and names else None,
-        batch_categories=sorted(adata.obs[batch_key].astype(str).unique()) if (batch_key and is_vae) else [],
-        proteins=proteins, protein_head=protein_head, protein_norm=protein_norm, protein_reference=reference,
-        tokenize=dict(tokenize or {}), **(head or {}),
-    )
-    cls = ExpressForCellTypes if task == "cell-type" else ExpressForVAE if is_vae else ExpressForProteinRegression
-    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
-    if pretrained:
-        config = ExpressConfig.from_pretrained(model)
-        config.head = settings.to_dict()
-        for key, value in labels.items():
-            setattr(config, key, value)
-        net = cls.from_pretrained(model, config=config)
-    elif encoder == "transformer":
-        config = ExpressConfig.from_vocab(vocab, head=settings.to_dict(), **labels, **(transformer or {}))
-        net = cls(config)
-        net.set_gene_statistics(vocab.token_zero_fraction, vocab.token_group_ids)
+        fields.update(protein_norm=protein_norm, protein_reference=fit_protein_reference(raw, protein_norm))
+    if is_vae:
+        if prior == "auto":
+            prior = "mixture" if names and task == "vae" else "normal"
+        if prior == "mixture" and not names:
+            raise FinetuneDataError("the mixture prior ties components to cell types: pass label_key")
+        fields.update(prior=prior, batch_categories=sorted(require_obs(adata, batch_key).astype(str).unique())
+                      if batch_key else [])
+        if prior == "mixture":
+            fields.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                          label_parents=_parents(adata, label_key, hierarchy_key, names, mask))
+        if task == "adt":
+            fields["proteins"] = proteins
+        config_class, model_class = ExpressVAEConfig, ExpressForVAE
     else:
-        config = ExpressConfig(head=settings.to_dict(), **labels)
-        net = cls(config)
-    net.vocab = vocab
+        labels = proteins if task == "adt" else names
+        fields.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        if task == "adt":  # protein levels: multi-output regression through a hidden layer
+            fields.update(problem_type="regression", classifier_hidden_size=128)
+        config_class, model_class = ExpressConfig, ExpressForCellClassification
+    fields.update(head or {})
+
+    try:  # the config validates every field, those given in head= and transformer= included
+        if pretrained:
+            config = config_class(**{**_encoder_fields(base), **fields})
+        elif encoder == "transformer":
+            sizes = {"vocab_size": vocab.vocab_size, "group_level_sizes": vocab.n_groups,
+                     "max_position_embeddings": max(512, spec.max_length + 8)}
+            config = config_class(**sizes, **(transformer or {}), **fields)
+        else:
+            config = config_class(**fields)
+    except ValueError as err:
+        raise FinetuneDataError(str(err)) from None
+    if pretrained:
+        net = model_class.from_pretrained(model, config=config)
+    else:
+        net = model_class(config)
+        if encoder == "transformer":
+            net.set_gene_statistics(vocab.token_zero_fraction, vocab.token_group_ids)
+    net.vocab, net.tokenization = vocab, spec
     net.pretrained_encoder = pretrained
-    if task == "adt" and protein_head == "nb":
+    if raw is not None and is_vae:
         net.initialize_protein_means(torch.from_numpy(raw.mean(0)).float())
     if freeze_layers:
         net.freeze_encoder(None if freeze_layers < 0 else freeze_layers)
-    table = table_for(adata, net, label_key=label_key, batch_key=batch_key, protein_obsm_key=protein_obsm_key,
-                      gene_id_key=gene_id_key, layer=layer, unlabelled_category=unlabelled_category,
-                      labelled_key=labelled_key)
-    return net, table
+    return net
 
 
-def table_for(
-    adata: ad.AnnData, model: torch.nn.Module, *, label_key: str | None = None, batch_key: str | None = None,
-    protein_obsm_key: str | None = None, gene_id_key: str | None = None, layer: str | None = None,
-    unlabelled_category: str | None = None, labelled_key: str | None = None,
-) -> CellTable:
-    """``adata`` aligned to a (fine-tuned) model's genes, batches, classes and proteins."""
-    settings = model.settings
-    id2label = model.config.id2label if (label_key is not None) else {}
-    names = [id2label[i] for i in sorted(id2label)] if id2label else []
-    is_vae = isinstance(model, ExpressForVAE)
-    return build_table(
-        adata, settings, label_key=label_key, label_names=names, batch_key=batch_key,
-        protein_key=protein_obsm_key if settings.proteins else None, gene_id_key=gene_id_key, layer=layer,
-        vocab=getattr(model, "vocab", None), unlabelled=[unlabelled_category] if unlabelled_category else [],
-        labelled_key=labelled_key, tokenize_kwargs=settings.tokenize, need_counts=is_vae,
+def cells_for(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, **keys):
+    """:func:`~finetune.data.cells_for_model` for a model built here (its vocabulary and tokenization)."""
+    return cells_for_model(adata, model.config, vocab=model.vocab, spec=model.tokenization, **keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, accelerator=None,
+        progress: bool = True) -> list[dict]:
+    """Train ``model`` on ``cells`` (:func:`cells_for`) with the shared loop (:func:`pretrain.loop.train`); returns
+    the log history. With a validation share, the state with the lowest validation loss is kept (for the VAE, from
+    the end of the KL warm-up on)."""
+    from pretrain.data import CellDataset, LengthGroupedBatchSampler, split_cells
+    from pretrain.loop import LoopSettings, train
+    from pretrain.pretraining import make_accelerator
+
+    accelerator = accelerator or make_accelerator(cpu=False, mixed_precision="auto", gradient_accumulation_steps=1,
+                                                  report_to="none", output_dir=Path("."))
+    config = model.config
+    train_idx, val_idx = split_cells(len(cells), settings.validation_fraction, settings.seed)
+    if len(val_idx) < 10 or len(train_idx) < 10:  # too few to tell epochs apart: keep the last
+        train_idx, val_idx = np.arange(len(cells)), np.zeros(0, dtype=np.int64)
+    is_vae = isinstance(config, ExpressVAEConfig)
+    if not is_vae and "labels" in cells.column_names and config.problem_type != "regression":
+        labels = np.asarray(cells.with_format("numpy")["labels"])[train_idx]
+        config.class_weights = class_weights(labels, config.num_labels, settings.class_weighting)
+    collator = collator_for(config, model.vocab, cells)
+    train_cells, val_cells = CellDataset([cells], [train_idx]), CellDataset([cells], [val_idx])
+    processes = accelerator.num_processes
+    batch_size = min(settings.batch_size, max(len(train_idx) // processes, 1))
+    # shuffled batches of any length (length-sorted batches would group cells by depth, and so often by type),
+    # keeping the last short batch: small sets lose no cells
+    sampler = LengthGroupedBatchSampler(train_cells.lengths, batch_size, seed=settings.seed, num_replicas=processes,
+                                        rank=accelerator.process_index, group_by_length=False, drop_last=False,
+                                        even_shards=True)
+    steps_per_epoch = sampler.batches_per_replica(0)
+    total = settings.max_steps or settings.epochs * steps_per_epoch
+    if is_vae:
+        config.kl_warmup_steps = max(int(settings.kl_warmup_ratio * total), 1)
+        config.n_train_cells = len(train_idx)
+    encoder_lr = settings.encoder_lr
+    if encoder_lr is None:  # a pretrained encoder moves slower than freshly initialised heads
+        encoder_lr = settings.lr / 10 if getattr(model, "pretrained_encoder", False) else settings.lr
+    evaluations = []
+
+    def validation_loss(unwrapped) -> dict[str, float]:
+        """Mean loss over the held-back training cells; the VAE's samples from a seeded stream, so that every
+        process draws the same and all pick the same state."""
+        unwrapped.eval()
+        total_loss, count = 0.0, 0
+        device = next(unwrapped.parameters()).device
+        loader = torch.utils.data.DataLoader(val_cells, batch_size=256, collate_fn=collator)
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(settings.seed + len(evaluations))
+            for batch in loader:
+                out = unwrapped(**{k: v.to(device) for k, v in batch.items()})
+                n = next(iter(batch.values())).shape[0]
+                total_loss, count = total_loss + float(out.loss) * n, count + n
+        evaluations.append(total_loss / count)
+        return {"eval/loss": evaluations[-1]}
+
+    loop = LoopSettings(
+        max_steps=total, learning_rate=settings.lr, encoder_learning_rate=encoder_lr,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.grad_clip,
+        warmup_steps=int(settings.warmup_ratio * total), logging_steps=max(steps_per_epoch, 1),
+        eval_steps=steps_per_epoch if len(val_idx) else 0, select_metric="eval/loss" if len(val_idx) else None,
+        select_from_step=config.kl_warmup_steps if is_vae else 0, progress_bar=progress, description="fine-tuning",
     )
+    loader = torch.utils.data.DataLoader(train_cells, batch_sampler=sampler, collate_fn=collator,
+                                         generator=torch.Generator())
+    result = train(model, loader, accelerator, loop, evaluate=validation_loss if len(val_idx) else None)
+    history = list(result.log_history)
+    if result.best:
+        history.append({"best_step": result.best["step"], "validation_loss": result.best["eval/loss"]})
+    return history
 
 
-def token_collator_for(model: torch.nn.Module):
-    """The shared padding collator (no masking) for a transformer encoder; None for the MLP encoder."""
-    if model.settings.encoder != "transformer":
-        return None
-    from pretrain.data import ExpressCollator
+def check_training_cells(cells, config) -> None:
+    """Refuse a training set too small to learn from, and warn about classes with very few cells."""
+    if len(cells) < MIN_TRAINING_CELLS:
+        raise FinetuneDataError(f"only {len(cells)} training cells: fine-tuning needs at least {MIN_TRAINING_CELLS}")
+    if "labels" in cells.column_names and config.problem_type != "regression" and config.id2label:
+        labels = np.asarray(cells.with_format("numpy")["labels"])
+        if not (labels >= 0).any():
+            raise FinetuneDataError("no training cell carries one of the label categories")
+        counts = np.bincount(labels[labels >= 0], minlength=len(config.id2label))
+        few = [config.id2label[i] for i in np.flatnonzero(counts < MIN_CELLS_PER_CLASS)]
+        if few:
+            logger.warning("%d classes have fewer than %d training cells (%s): expect them to be predicted poorly",
+                           len(few), MIN_CELLS_PER_CLASS, ", ".join(map(str, few[:5])))
 
-    return ExpressCollator(model.vocab, mlm_probability=0.0)
 
+def _train(task: str, adata: ad.AnnData, training: dict, **kwargs) -> ExpressHeadPreTrainedModel:
+    from accelerate.utils import set_seed
 
-def _train(task: str, adata: ad.AnnData, training: dict, **kwargs) -> torch.nn.Module:
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     unknown = sorted(set(training) - known)
     if unknown:
-        heads = {f.name for f in dataclasses.fields(HeadSettings)}
+        import inspect
+
+        heads = set(inspect.signature(ExpressConfig.__init__).parameters) | \
+            set(inspect.signature(ExpressVAEConfig.__init__).parameters)
         hint = " (head settings go in head={...})" if set(unknown) & heads else ""
         raise TypeError(f"unknown training option(s) {unknown}{hint}; training options: {sorted(known)}")
     settings = TrainSettings(**training)
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    net, table = prepare_model(task, adata, **kwargs)
-    if task == "cell-type" and not (table.labels >= 0).any():
-        raise FinetuneDataError("no training cell carries one of the label categories")
-    history = fit(net, table, settings, token_collator=token_collator_for(net))
-    net.history = history
+    set_seed(settings.seed)
+    net = prepare_model(task, adata, **kwargs)
+    keys = {k: kwargs.get(k) for k in ("label_key", "batch_key", "protein_obsm_key", "gene_id_key", "layer",
+                                       "labelled_key")}
+    unlabelled = [kwargs["unlabelled_category"]] if kwargs.get("unlabelled_category") is not None else []
+    cells = cells_for(adata, net, unlabelled=unlabelled, **keys)
+    check_training_cells(cells, net.config)
+    net.history = fit(net, cells, settings)
     return net
 
 
@@ -245,12 +399,13 @@ def fit_cell_types(
     adata: ad.AnnData, *, model: str | os.PathLike = "none", encoder: str = "transformer",
     label_key: str = "cell_type", gene_id_key: str | None = None, layer: str | None = None,
     n_top_genes: int | None = 2000, freeze_layers: int = 0, unlabelled_category: str | None = None,
-    head: dict | None = None, transformer: dict | None = None, tokenize: dict | None = None, **training,
-) -> ExpressForCellTypes:
+    head: dict | None = None, transformer: dict | None = None, tokenization: dict | None = None, **training,
+) -> ExpressHeadPreTrainedModel:
     """Fine-tune a cell-type classifier on ``adata`` (raw counts) and return it."""
     return _train("cell-type", adata, training, model=model, encoder=encoder, label_key=label_key,
                   gene_id_key=gene_id_key, layer=layer, n_top_genes=n_top_genes, freeze_layers=freeze_layers,
-                  unlabelled_category=unlabelled_category, head=head, transformer=transformer, tokenize=tokenize)
+                  unlabelled_category=unlabelled_category, head=head, transformer=transformer,
+                  tokenization=tokenization)
 
 
 def train_vae(
@@ -258,16 +413,17 @@ def train_vae(
     label_key: str | None = None, batch_key: str | None = None, hierarchy_key: str | None = None,
     labelled_key: str | None = None, unlabelled_category: str | None = None, prior: str = "auto",
     gene_id_key: str | None = None, layer: str | None = None, n_top_genes: int | None = 2000,
-    freeze_layers: int = 0, head: dict | None = None, transformer: dict | None = None, tokenize: dict | None = None,
-    **training,
-) -> ExpressForVAE:
-    """Train the VAE/IWAE head (``objective="iwae", n_samples=K`` for IWAE). With ``label_key`` the prior is a
-    Gaussian mixture over cell types (semi-supervised: cells without a label, with ``unlabelled_category``, or with
-    ``obs[labelled_key]`` False use the whole mixture, and their labels are never read)."""
+    freeze_layers: int = 0, head: dict | None = None, transformer: dict | None = None,
+    tokenization: dict | None = None, **training,
+) -> ExpressHeadPreTrainedModel:
+    """Train the VAE/IWAE head (``head={"objective": "iwae", "n_importance_samples": K}`` for IWAE). With
+    ``label_key`` the prior is a Gaussian mixture over cell types (semi-supervised: cells without a label, with
+    ``unlabelled_category``, or with ``obs[labelled_key]`` False use the whole mixture, and their labels are never
+    read)."""
     return _train("vae", adata, training, model=model, encoder=encoder, label_key=label_key, batch_key=batch_key,
                   hierarchy_key=hierarchy_key, labelled_key=labelled_key, unlabelled_category=unlabelled_category,
                   prior=prior, gene_id_key=gene_id_key, layer=layer, n_top_genes=n_top_genes,
-                  freeze_layers=freeze_layers, head=head, transformer=transformer, tokenize=tokenize)
+                  freeze_layers=freeze_layers, head=head, transformer=transformer, tokenization=tokenization)
 
 
 def fit_proteins(
@@ -275,107 +431,121 @@ def fit_proteins(
     protein_obsm_key: str = "protein_counts", protein_head: str = "regression", protein_norm: str = "clr",
     batch_key: str | None = None, gene_id_key: str | None = None, layer: str | None = None,
     n_top_genes: int | None = 2000, freeze_layers: int = 0, head: dict | None = None,
-    transformer: dict | None = None, tokenize: dict | None = None, **training,
-) -> torch.nn.Module:
+    transformer: dict | None = None, tokenization: dict | None = None, **training,
+) -> ExpressHeadPreTrainedModel:
     """Fit surface-protein prediction from RNA: ``protein_head="regression"`` (normalised levels) or ``"nb"`` (the
     multimodal VAE with an NB protein decoder)."""
     return _train("adt", adata, training, model=model, encoder=encoder, protein_obsm_key=protein_obsm_key,
                   protein_head=protein_head, protein_norm=protein_norm, batch_key=batch_key,
                   gene_id_key=gene_id_key, layer=layer, n_top_genes=n_top_genes, freeze_layers=freeze_layers,
-                  head=head, transformer=transformer, tokenize=tokenize)
+                  head=head, transformer=transformer, tokenization=tokenization)
 
 
-def _outputs(adata, model, *, batch_key=None, gene_id_key=None, layer=None, mll_samples=0, seed=0) -> dict:
-    table = table_for(adata, model, batch_key=batch_key if model.settings.batch_categories else None,
+def outputs(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, *, batch_key: str | None = None,
+            gene_id_key: str | None = None, layer: str | None = None, seed: int = 0, method: str | None = None,
+            **method_kwargs) -> dict[str, np.ndarray]:
+    """Every cell's outputs (``embedding``, ``logits``, ``protein_predictions``, ... as the head gives them), or
+    ``method``'s (e.g. ``"marginal_log_likelihood"``), batched through the shared dataset and collator."""
+    from pretrain.data import CellDataset
+    from pretrain.loop import predict
+
+    cells = cells_for(adata, model, batch_key=batch_key if getattr(model.config, "batch_categories", None) else None,
                       gene_id_key=gene_id_key, layer=layer)
-    return predict(model, table, token_collator=token_collator_for(model), mll_samples=mll_samples, seed=seed)
+    return predict(model, CellDataset([cells]), collator_for(model.config, model.vocab, cells), seed=seed,
+                   method=method, **method_kwargs)
 
 
-def embed(adata: ad.AnnData, model: torch.nn.Module, *, key_added: str = "X_express", batch_key: str | None = None,
-          gene_id_key: str | None = None, layer: str | None = None) -> np.ndarray:
+def embed(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, *, key_added: str = "X_express",
+          batch_key: str | None = None, gene_id_key: str | None = None, layer: str | None = None) -> np.ndarray:
     """Cell embeddings into ``obsm[key_added]``: the VAE's posterior mean, or the encoder's pooled output."""
-    out = _outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer)
+    out = outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer)
     adata.obsm[key_added] = out["embedding"]
     return out["embedding"]
 
 
-def predict_cell_types(adata: ad.AnnData, model: torch.nn.Module, *, key_added: str = "express_cell_type",
+def predict_cell_types(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, *, key_added: str = "express_cell_type",
                        gene_id_key: str | None = None, layer: str | None = None) -> pd.Series:
     """Predicted cell types into ``obs[key_added]`` (categorical), the winning probability into
     ``obs[key_added + '_probability']`` and all class probabilities into ``obsm[key_added + '_probabilities']``
     (a DataFrame with one column per cell type). Works for the classifier and the mixture-prior VAE."""
-    out = _outputs(adata, model, gene_id_key=gene_id_key, layer=layer)
-    if "probabilities" not in out:
+    out = outputs(adata, model, gene_id_key=gene_id_key, layer=layer)
+    if "logits" not in out or model.config.problem_type == "regression":
         raise ValueError("this model does not classify cells (use a cell-type model or a VAE with a mixture prior)")
-    names = [model.config.id2label[i] for i in range(out["probabilities"].shape[1])]
-    probs = pd.DataFrame(out["probabilities"], index=adata.obs_names, columns=names)
-    best = out["probabilities"].argmax(1)
+    probabilities = torch.softmax(torch.from_numpy(out["logits"]).double(), -1).numpy()
+    names = [model.config.id2label[i] for i in range(probabilities.shape[1])]
+    best = probabilities.argmax(1)
     adata.obs[key_added] = pd.Categorical([names[i] for i in best], categories=names)
-    adata.obs[f"{key_added}_probability"] = out["probabilities"].max(1)
-    adata.obsm[f"{key_added}_probabilities"] = probs
+    adata.obs[f"{key_added}_probability"] = probabilities.max(1)
+    adata.obsm[f"{key_added}_probabilities"] = pd.DataFrame(probabilities, index=adata.obs_names, columns=names)
     return adata.obs[key_added]
 
 
-def predict_proteins(adata: ad.AnnData, model: torch.nn.Module, *, key_added: str = "express_protein",
+def predict_proteins(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, *, key_added: str = "express_protein",
                      batch_key: str | None = None, gene_id_key: str | None = None,
                      layer: str | None = None) -> pd.DataFrame:
-    """Predicted normalised protein levels (``model.settings.protein_norm`` scale) into ``obsm[key_added]`` (a
-    DataFrame, one column per protein)."""
-    if not model.settings.proteins:
+    """Predicted normalised protein levels (``config.protein_norm`` scale) into ``obsm[key_added]`` (a DataFrame,
+    one column per protein)."""
+    regression = model.config.problem_type == "regression"
+    proteins = [model.config.id2label[i] for i in sorted(model.config.id2label)] if regression else \
+        list(getattr(model.config, "proteins", []))
+    if not proteins:
         raise ValueError("this model does not predict proteins (fit one with fit_proteins)")
-    out = _outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer)
-    frame = pd.DataFrame(out["proteins"], index=adata.obs_names, columns=model.settings.proteins)
+    out = outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer)
+    frame = pd.DataFrame(out["logits" if regression else "protein_predictions"], index=adata.obs_names,
+                         columns=proteins)
     adata.obsm[key_added] = frame
     return frame
 
 
-def marginal_log_likelihood(adata: ad.AnnData, model: ExpressForVAE, *, n_samples: int = 100,
+def marginal_log_likelihood(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, *, n_samples: int = 100,
                             batch_key: str | None = None, key_added: str | None = "express_marginal_ll",
                             gene_id_key: str | None = None, layer: str | None = None, seed: int = 0) -> np.ndarray:
     """Importance-sampled ``log p(x)`` per cell (nats) over the decoder genes, into ``obs[key_added]``."""
-    if not isinstance(model, ExpressForVAE):
+    if not hasattr(model, "marginal_log_likelihood"):
         raise ValueError("the marginal log-likelihood needs a VAE")
-    out = _outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer, mll_samples=n_samples,
-                   seed=seed)
+    out = outputs(adata, model, batch_key=batch_key, gene_id_key=gene_id_key, layer=layer, seed=seed,
+                  method="marginal_log_likelihood", n_samples=n_samples)["marginal_log_likelihood"]
     if key_added:
-        adata.obs[key_added] = out["marginal_log_likelihood"]
-    return out["marginal_log_likelihood"]
+        adata.obs[key_added] = out
+    return out
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """``save_pretrained`` into ``path`` (written to a temporary folder, then renamed), with the vocabulary beside
-    the weights for the transformer encoder."""
-    from pretrain.training import atomic_directory
+def save_model(model: ExpressHeadPreTrainedModel, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """``save_pretrained`` into ``path`` (written to a temporary folder, then renamed), with the vocabulary and the
+    tokenization spec beside the weights for the transformer encoder."""
+    from tokenizer.output import staged_dir
 
     path = Path(path)
-    with atomic_directory(path, overwrite=overwrite, marker=False) as tmp:
+    with staged_dir(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if getattr(model, "vocab", None) is not None:
             model.vocab.save(tmp)
+            model.tokenization.save(tmp)
     return path
 
 
-def load_model(path: str | os.PathLike) -> torch.nn.Module:
-    """Reload a model written by :func:`save_model` (the head class is read from its ``config.json``)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} holds no saved model (no config.json)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    cls = next((HEAD_CLASSES[a] for a in architectures if a in HEAD_CLASSES), None)
-    if cls is None:
-        raise ValueError(f"{path} holds {architectures}, not a fine-tuned express head ({sorted(HEAD_CLASSES)})")
-    model = cls.from_pretrained(path)
-    model.vocab = None
-    if model.settings.encoder == "transformer":
-        from tokenizer import GeneVocab
+def load_model(path: str | os.PathLike) -> ExpressHeadPreTrainedModel:
+    """Reload a model written by :func:`save_model` through the Auto classes: a VAE config answers to
+    ``AutoModel``, a classifier or regressor to ``AutoModelForSequenceClassification``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FinetuneDataError(f"{path} holds no saved model (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModel if isinstance(config, ExpressVAEConfig) else AutoModelForSequenceClassification
+    model = auto.from_pretrained(path)
+    model.vocab = model.tokenization = None
+    if config.encoder == "transformer":
         model.vocab = GeneVocab.load(path)
+        model.tokenization = TokenizationSpec.load(path)
     model.eval()
     return model
 
 
 __all__ = [
-    "UNLABELLED", "embed", "fit_cell_types", "fit_proteins", "load_model", "marginal_log_likelihood",
-    "predict_cell_types", "predict_proteins", "prepare_model", "save_model", "table_for", "train_vae",
+    "TrainSettings", "cells_for", "check_training_cells", "class_weights", "embed", "fit", "fit_cell_types",
+    "fit_proteins", "load_model",
+    "marginal_log_likelihood", "outputs", "predict_cell_types", "predict_proteins", "prepare_model", "save_model",
+    "train_vae",
 ]

@@ -1,4 +1,4 @@
-"""Classical baselines the fine-tuned heads are measured against (SPEC section 5).
+"""Classical baselines the fine-tuned heads are measured against (the methods the field compares with).
 
 Features: :func:`log_normalized_features` -- ``log1p(counts / library * 1e4)`` over the training cells' highly
 variable genes (all genes when there are at most ``n_top_genes``), the same input the MLP encoder reads.
@@ -41,9 +41,7 @@ def log_normalized_features(
     genes = select_genes(train, n_top_genes, gene_id_key=gene_id_key, layer=layer)
 
     def features(adata: ad.AnnData) -> sp.csr_matrix:
-        counts = counts_matrix(adata, layer)
-        total = np.asarray(counts.sum(1)).ravel()
-        return align_genes(log_normalize(counts, total), gene_names(adata, gene_id_key), genes)
+        return align_genes(log_normalize(counts_matrix(adata, layer)), gene_names(adata, gene_id_key), genes)
 
     return features(train), features(test) if test is not None else None, genes
 

@@ -1,46 +1,42 @@
-"""From raw-count AnnData to what the fine-tuning heads read.
+"""From raw-count AnnData to the cells a fine-tuning head reads.
 
 - :func:`load_h5ad`, :func:`split_adata`: read a file; split one AnnData into train and held-out cells by an obs
   column.
-- :func:`log_normalize`: ``log1p(counts / library * 1e4)`` (library = the cell's total over all its genes), the MLP
-  encoder's and the classical baselines' input.
+- :func:`log_normalize`: ``log1p(counts / library * 1e4)`` (scanpy's ``normalize_total`` and ``log1p``), the classical
+  baselines' input.
 - :func:`select_genes`: highly variable genes of the training cells (Seurat dispersion ranking on log-normalised
-  counts), the MLP encoder's input and the VAE decoder's output.
-- :func:`normalize_proteins`: protein levels on the scale the ADT task is scored on.
-- :class:`CellTable` / :func:`build_table`: one AnnData aligned to a model's genes, batches, labels and proteins;
-  :class:`TableCollator` turns rows of it into model keyword arguments (tokenizing with the pretrained vocabulary
-  for the transformer encoder, through the shared :class:`pretrain.data.ExpressCollator`).
-
-Protein normalisation (``protein_norm``):
-
-- ``"clr"`` (default): centred log-ratio per protein across cells, ``log1p(x / g_p)`` with
-  ``g_p = exp(mean_cells log1p(x_p))`` -- muon's ``prot.pp.clr`` with its default axis, the normalisation of the
-  NeurIPS 2021 CITE-seq data. The reference ``log g_p`` is fitted on the training cells and stored with the model,
-  so held-out cells are normalised without looking at each other;
-- ``"clr_cell"``: centred log-ratio per cell across proteins (Seurat ``margin = 2``), needs no reference;
-- ``"log1p_cpt"``: ``log1p(x / total * 1e3)`` (counts per thousand), needs no reference.
+  counts), a head's gene panel (the MLP encoder's input and the VAE decoder's output).
+- :func:`normalize_proteins`: protein levels on the scale the ADT task is scored on (``ExpressConfig.protein_norm``).
+- :func:`cells_for_model`: one AnnData as a ``datasets.Dataset`` of the columns a model reads (the tokens, the gene
+  panel's counts, labels, batches, proteins), in the AnnData's cell order, and :func:`collator_for` the collator
+  that batches it. Training and prediction read it through the same dataset and collator as pretraining
+  (:mod:`pretrain.data`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 import torch
 
+from modeling.configuration_express import PROTEIN_NORMS
+from modeling.modeling_express import IGNORE_INDEX
+from modeling.vae import normalize_protein_counts
+from tokenizer import GeneVocab, InputError, TokenizationSpec
+
 logger = logging.getLogger(__name__)
 
-PROTEIN_NORMS = ("clr", "clr_cell", "log1p_cpt")
-UNLABELLED = -100
+UNLABELLED = IGNORE_INDEX
 
 
-class FinetuneDataError(ValueError):
+class FinetuneDataError(InputError):
     """The AnnData given for fine-tuning lacks something or holds something it should not."""
 
 
@@ -64,7 +60,8 @@ def split_adata(adata: ad.AnnData, split_key: str, test_values: Sequence[str]) -
     test_values = [str(v) for v in test_values]
     missing = sorted(set(test_values) - set(values.unique()))
     if missing:
-        raise FinetuneDataError(f"obs[{split_key!r}] has no cells with value(s) {missing}; it has {sorted(values.unique())}")
+        raise FinetuneDataError(f"obs[{split_key!r}] has no cells with value(s) {missing}; it has "
+                                f"{sorted(values.unique())}")
     test = values.isin(test_values).to_numpy()
     if test.all():
         raise FinetuneDataError(f"every cell has obs[{split_key!r}] in {test_values}: nothing left to train on")
@@ -96,16 +93,15 @@ def gene_names(adata: ad.AnnData, gene_id_key: str | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 # Normalisation and gene selection
 # ---------------------------------------------------------------------------------------------------------------------
-def log_normalize(counts: sp.csr_matrix, library: np.ndarray | None = None, target_sum: float = 1e4) -> sp.csr_matrix:
-    """``log1p(counts / library * target_sum)``; ``library`` defaults to the row sums."""
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    if library is None:
-        library = np.asarray(counts.sum(1)).ravel()
-    scale = target_sum / np.maximum(np.asarray(library, dtype=np.float64), 1.0)
-    out = sp.diags(scale.astype(np.float32)) @ counts
-    out = sp.csr_matrix(out)
-    np.log1p(out.data, out=out.data)
-    return out
+def log_normalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
+    """``log1p(counts / library * target_sum)`` with each cell's library its row sum (scanpy's ``normalize_total``
+    then ``log1p``)."""
+    import scanpy as sc
+
+    cells = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
+    sc.pp.normalize_total(cells, target_sum=target_sum)
+    sc.pp.log1p(cells)
+    return sp.csr_matrix(cells.X)
 
 
 def select_genes(adata: ad.AnnData, n_top_genes: int | None, *, gene_id_key: str | None = None,
@@ -177,17 +173,12 @@ def fit_protein_reference(counts: np.ndarray, method: str) -> list[float]:
 
 
 def normalize_proteins(counts: np.ndarray, method: str = "clr", reference: Sequence[float] | None = None) -> np.ndarray:
-    """Protein counts (..., cells, proteins) on the normalised scale (see the module docstring)."""
-    x = np.asarray(counts, dtype=np.float64)
-    if method == "clr":
-        if reference is None or len(reference) != x.shape[-1]:
-            raise ValueError("per-protein CLR needs the reference log geometric means fitted on the training cells")
-        return np.log1p(x / np.exp(np.asarray(reference)))
-    if method == "clr_cell":
-        return np.log1p(x / np.exp(np.log1p(x).mean(-1, keepdims=True)))
-    if method == "log1p_cpt":
-        return np.log1p(x / np.maximum(x.sum(-1, keepdims=True), 1.0) * 1e3)
-    raise ValueError(f"protein_norm must be one of {PROTEIN_NORMS}, got {method!r}")
+    """Protein counts (..., cells, proteins) on the normalised scale: numpy in and out around the one definition,
+    :func:`modeling.vae.normalize_protein_counts` (which the VAE's protein predictions use too)."""
+    if method not in PROTEIN_NORMS:
+        raise ValueError(f"protein_norm must be one of {PROTEIN_NORMS}, got {method!r}")
+    x = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+    return normalize_protein_counts(x, method, reference).numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,178 +203,119 @@ def label_categories(values: Sequence, *, unlabelled: Sequence[str] = ()) -> lis
     return sorted({str(v) for v in pd.Series(values).dropna()} - skip)
 
 
-@dataclass
-class TokenRows:
-    """Tokenized cells as flat arrays with offsets, in the AnnData's cell order."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Cells for a model
+# ---------------------------------------------------------------------------------------------------------------------
+def _tokens_in_order(adata: ad.AnnData, vocab: GeneVocab, spec: TokenizationSpec, *, gene_id_key: str | None,
+                     layer: str | None) -> pa.Table:
+    """``input_ids``/``values``/``is_zero`` of every cell of ``adata``, in its order. A cell with no gene of the
+    vocabulary (which the tokenizer leaves out) is a lone ``<cls>`` token, with a warning."""
+    from tokenizer import tokenize_adata
 
-    offsets: np.ndarray  # (n + 1,)
-    input_ids: np.ndarray
-    values: np.ndarray
-    is_zero: np.ndarray
-
-    @classmethod
-    def from_dataset(cls, dataset, obs_names: np.ndarray, cls_id: int) -> TokenRows:
-        """Reorder a tokenized ``datasets.Dataset`` to ``obs_names``; cells the tokenizer left out (no vocabulary
-        gene) become a lone ``<cls>`` token, with a warning."""
-        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-        cols = {name: table.column(name).combine_chunks() for name in ("input_ids", "values", "is_zero")}
-        offsets = np.asarray(cols["input_ids"].offsets)
-        flat = {name: np.asarray(col.values) for name, col in cols.items()}
-        cell_ids = np.asarray(table.column("cell_id").to_pylist(), dtype=str)
-        position = {c: i for i, c in enumerate(cell_ids)}
-        if len(position) != len(cell_ids):
-            raise FinetuneDataError("cell names (obs_names) must be unique to match tokenized cells back to them")
-        rows = np.array([position.get(c, -1) for c in obs_names], dtype=np.int64)
-        missing = int((rows < 0).sum())
-        if missing:
-            logger.warning("%d cells have no gene of the model's vocabulary; they are encoded as <cls> alone", missing)
-        lengths = np.where(rows >= 0, np.diff(offsets)[np.maximum(rows, 0)], 1)
-        new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=new_offsets[1:])
-        gather = np.concatenate([np.arange(offsets[r], offsets[r + 1]) if r >= 0 else np.array([-1])
-                                 for r in rows]) if len(rows) else np.zeros(0, dtype=np.int64)
-        out = {}
-        for name, values in flat.items():
-            picked = values[np.maximum(gather, 0)].copy()
-            picked[gather < 0] = cls_id if name == "input_ids" else 0
-            out[name] = picked
-        return cls(new_offsets, out["input_ids"], out["values"], out["is_zero"])
-
-    def rows(self, indices: np.ndarray) -> list[dict[str, np.ndarray]]:
-        out = []
-        for i in indices:
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            out.append({"input_ids": self.input_ids[lo:hi], "values": self.values[lo:hi],
-                        "is_zero": self.is_zero[lo:hi]})
-        return out
+    cells = tokenize_adata(adata, vocab, spec=spec, gene_id_key=gene_id_key, layer=layer)
+    table = cells.dataset.data.table.select(["input_ids", "values", "is_zero", "cell_id"])
+    position = {c: i for i, c in enumerate(table.column("cell_id").to_pylist())}
+    if len(position) != len(table) or adata.obs_names.has_duplicates:
+        raise FinetuneDataError("cell names (obs_names) must be unique to match tokenized cells back to them")
+    rows = np.array([position.get(c, len(table)) for c in adata.obs_names], dtype=np.int64)
+    missing = int((rows == len(table)).sum())
+    if missing:
+        logger.warning("%d cells have no gene of the model's vocabulary; they are encoded as <cls> alone", missing)
+    lone = pa.table({"input_ids": [[vocab.cls_id]], "values": [[0.0]], "is_zero": [[0]], "cell_id": [""]},
+                    schema=table.schema)
+    return pa.concat_tables([table, lone]).take(pa.array(rows)).drop(["cell_id"])
 
 
-@dataclass
-class CellTable:
-    """One AnnData prepared for a model. Row ``i`` of every array is cell ``i``."""
-
-    obs_names: np.ndarray
-    counts: sp.csr_matrix | None  # (n, G) raw counts of the decoder genes (VAE)
-    library: np.ndarray | None  # (n,) sum over the decoder genes
-    log_inputs: sp.csr_matrix | None  # (n, G_in) MLP input
-    batch_index: np.ndarray  # (n,) training-batch id, -1 for unseen batches or no batch key
-    labels: np.ndarray  # (n,) class id, -100 = unlabelled
-    proteins: np.ndarray | None  # (n, P) raw protein counts
-    protein_targets: np.ndarray | None  # (n, P) normalised
-    tokens: TokenRows | None = None  # transformer encoder input
-
-    def __len__(self) -> int:
-        return len(self.obs_names)
+def _ragged_column(matrix: sp.csr_matrix, values: bool = False) -> pa.Array:
+    """A CSR matrix's rows as an Arrow list column of their column indices (or stored values)."""
+    flat = matrix.data.astype(np.float32) if values else matrix.indices.astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(matrix.indptr.astype(np.int32)), pa.array(flat))
 
 
-def build_table(
-    adata: ad.AnnData, settings, *, label_key: str | None = None, label_names: Sequence[str] = (),
-    batch_key: str | None = None, protein_key: str | None = None, gene_id_key: str | None = None,
-    layer: str | None = None, vocab=None, unlabelled: Sequence[str] = (), labelled_key: str | None = None,
-    tokenize_kwargs: dict | None = None, need_counts: bool = True,
-) -> CellTable:
-    """Align ``adata`` to a model's :class:`~modeling.modeling_vae.HeadSettings` (genes, batches, proteins) and its
-    label names (``config.id2label`` order).
+def cells_for_model(
+    adata: ad.AnnData, config, *, vocab: GeneVocab | None = None, spec: TokenizationSpec | None = None,
+    label_key: str | None = None, batch_key: str | None = None, protein_obsm_key: str | None = None,
+    gene_id_key: str | None = None, layer: str | None = None, unlabelled: Sequence[str] = (),
+    labelled_key: str | None = None,
+):
+    """``adata`` as a ``datasets.Dataset`` of what a model with ``config`` reads, one row per cell in ``adata``'s
+    order.
 
-    ``labelled_key``: optional boolean obs column; cells where it is False are treated as unlabelled, whatever their
-    label says (semi-supervised training without label leakage).
+    Columns, by what the config asks for: the tokens (``config.encoder == "transformer"``; tokenized with ``vocab``
+    and ``spec``), ``panel_ids``/``panel_counts`` (raw counts of ``config.gene_panel``, sparse) and ``total_counts``
+    (each cell's library over all its genes), ``labels`` (with ``label_key``: class ids in ``config.id2label``
+    order, -100 for unlabelled cells, unknown types, and cells where ``obs[labelled_key]`` is False -- whose labels
+    are never read; for a protein regressor, the normalised protein levels), ``batch_index`` (VAE with
+    ``batch_categories``; -1 for batches unseen in training) and ``protein_counts`` (VAE with ``proteins``).
     """
+    import datasets
+
     counts = counts_matrix(adata, layer)
-    names = gene_names(adata, gene_id_key)
     total = np.asarray(counts.sum(1)).ravel()
     if np.any(total <= 0):
         bad = adata.obs_names[int(np.argmax(total <= 0))]
         raise FinetuneDataError(f"cell {bad!r} has no counts at all; filter empty cells before fine-tuning")
-
-    decoder = align_genes(counts, names, settings.decoder_genes, what="data") if need_counts and settings.decoder_genes \
-        else None
-    library = np.asarray(decoder.sum(1)).ravel().astype(np.float32) if decoder is not None else None
-    if library is not None and np.any(library <= 0):
-        n_empty = int((library <= 0).sum())
-        logger.warning("%d cells have no counts over the decoder genes; their library is set to 1", n_empty)
-        library = np.maximum(library, 1.0)
-    log_inputs = None
-    if settings.encoder == "mlp":
-        log_inputs = align_genes(log_normalize(counts, total), names, settings.input_genes, what="data")
-
-    batch_index = np.full(adata.n_obs, -1, dtype=np.int64)
-    if settings.batch_categories and batch_key is None:
-        logger.info("no batch_key given: cells are decoded without a batch one-hot (the encoder never reads batches)")
-    elif settings.batch_categories:
-        if batch_key not in adata.obs:
-            raise FinetuneDataError(f"batch key {batch_key!r} is not an obs column; columns: {list(adata.obs.columns)}")
-        lookup = {b: i for i, b in enumerate(settings.batch_categories)}
-        batch_index = np.array([lookup.get(str(b), -1) for b in adata.obs[batch_key]], dtype=np.int64)
-        unseen = sorted({str(b) for b, i in zip(adata.obs[batch_key], batch_index) if i < 0})
-        if unseen:
-            logger.info("batches %s were not seen in training: decoded without a batch one-hot", unseen[:5])
-
-    labels = np.full(adata.n_obs, UNLABELLED, dtype=np.int64)
-    if label_key is not None:
-        if label_key not in adata.obs:
-            raise FinetuneDataError(f"label key {label_key!r} is not an obs column; columns: {list(adata.obs.columns)}")
-        labels = encode_labels(adata.obs[label_key].tolist(), list(label_names), unlabelled=unlabelled)
-    if labelled_key is not None:
-        if labelled_key not in adata.obs:
-            raise FinetuneDataError(f"labelled key {labelled_key!r} is not an obs column")
-        labels[~adata.obs[labelled_key].to_numpy().astype(bool)] = UNLABELLED
-
-    proteins = targets = None
-    if protein_key is not None and settings.proteins:
-        proteins, _ = protein_counts(adata, protein_key, settings.proteins)
-        targets = normalize_proteins(proteins, settings.protein_norm, settings.protein_reference or None)
-
-    tokens = None
-    if settings.encoder == "transformer":
-        if vocab is None:
-            raise FinetuneDataError("the transformer encoder needs the pretrained vocabulary to tokenize cells")
-        from tokenizer.tokenize import tokenize_adata
-
-        dataset = tokenize_adata(adata, vocab, gene_id_key=gene_id_key, layer=layer, **(tokenize_kwargs or {}))
-        tokens = TokenRows.from_dataset(dataset, adata.obs_names.to_numpy().astype(str), vocab.cls_id)
-    return CellTable(
-        obs_names=adata.obs_names.to_numpy().astype(str), counts=decoder, library=library, log_inputs=log_inputs,
-        batch_index=batch_index, labels=labels, proteins=proteins,
-        protein_targets=None if targets is None else targets.astype(np.float32), tokens=tokens,
-    )
+    columns: dict[str, pa.Array] = {}
+    if config.encoder == "transformer":
+        if vocab is None or spec is None:
+            raise FinetuneDataError("the transformer encoder tokenizes cells with its vocabulary and spec")
+        if spec.mode != "express":
+            raise FinetuneDataError(f"this model was pretrained on {spec.mode}-mode tokens; fine-tuning tokenizes "
+                                    "new cells in express mode only")
+        tokens = _tokens_in_order(adata, vocab, spec, gene_id_key=gene_id_key, layer=layer)
+        columns.update({name: tokens.column(name).combine_chunks() for name in tokens.column_names})
+    if config.gene_panel:
+        panel = align_genes(counts, gene_names(adata, gene_id_key), config.gene_panel, what="data")
+        if config.model_type == "express_vae" and np.any(np.asarray(panel.sum(1)).ravel() <= 0):
+            logger.warning("%d cells have no counts over the decoder genes; their library is set to 1",
+                           int((np.asarray(panel.sum(1)).ravel() <= 0).sum()))
+        columns["panel_ids"] = _ragged_column(panel)
+        columns["panel_counts"] = _ragged_column(panel, values=True)
+    columns["total_counts"] = pa.array(total.astype(np.float64))
+    proteins = list(getattr(config, "proteins", []))
+    regression = config.problem_type == "regression"
+    if label_key is not None and not regression:
+        names = [config.id2label[i] for i in sorted(config.id2label)]
+        labels = encode_labels(require_obs(adata, label_key).tolist(), names, unlabelled=unlabelled)
+        if labelled_key is not None:
+            labels[~require_obs(adata, labelled_key).to_numpy().astype(bool)] = UNLABELLED
+        columns["labels"] = pa.array(labels)
+    if regression and protein_obsm_key is not None:
+        names = [config.id2label[i] for i in sorted(config.id2label)]
+        raw, _ = protein_counts(adata, protein_obsm_key, names)
+        levels = normalize_proteins(raw, config.protein_norm, config.protein_reference or None)
+        columns["labels"] = pa.array(list(levels.astype(np.float32)), type=pa.list_(pa.float32()))
+    if proteins and protein_obsm_key is not None:
+        raw, _ = protein_counts(adata, protein_obsm_key, proteins)
+        columns["protein_counts"] = pa.array(list(raw.astype(np.float32)), type=pa.list_(pa.float32()))
+    categories = list(getattr(config, "batch_categories", []))
+    if categories:
+        index = np.full(adata.n_obs, -1, dtype=np.int64)
+        if batch_key is None:
+            logger.info("no batch_key given: cells are decoded without a batch one-hot (the encoder never reads "
+                        "batches)")
+        else:
+            lookup = {b: i for i, b in enumerate(categories)}
+            values = require_obs(adata, batch_key).astype(str)
+            index = np.array([lookup.get(b, -1) for b in values], dtype=np.int64)
+            unseen = sorted(set(values[index < 0]))
+            if unseen:
+                logger.info("batches %s were not seen in training: decoded without a batch one-hot", unseen[:5])
+        columns["batch_index"] = pa.array(index)
+    return datasets.Dataset(pa.table(columns))
 
 
-class TableDataset(torch.utils.data.Dataset):
-    """Cell indices of a :class:`CellTable` (the collator gathers the rows)."""
+def collator_for(config, vocab: GeneVocab | None, dataset):
+    """The shared collator (no masking) that batches :func:`cells_for_model`'s rows for a model with ``config``."""
+    from pretrain.data import ExpressCollator
 
-    def __init__(self, table: CellTable, indices: np.ndarray | None = None):
-        self.table = table
-        self.indices = np.arange(len(table)) if indices is None else np.asarray(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> int:
-        return int(self.indices[i])
+    passed = [c for c in ("total_counts", "labels", "batch_index", "protein_counts") if c in dataset.column_names]
+    return ExpressCollator(vocab if config.encoder == "transformer" else None, mlm_probability=0.0,
+                           panel_size=len(config.gene_panel) or None, pass_columns=passed)
 
 
-@dataclass
-class TableCollator:
-    """Cell indices -> model keyword arguments: ``log_counts`` (MLP) or padded tokens (transformer), plus
-    ``counts``/``library``/``batch_index``/``labels``/``proteins``/``protein_targets`` as the table has them."""
-
-    table: CellTable
-    token_collator: object | None = None  # pretrain.data.ExpressCollator for the transformer encoder
-
-    def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        t = self.table
-        batch: dict[str, torch.Tensor] = {}
-        if t.log_inputs is not None:
-            batch["log_counts"] = torch.from_numpy(t.log_inputs[idx].toarray())
-        if t.tokens is not None:
-            batch.update(self.token_collator(t.tokens.rows(idx)))
-        if t.counts is not None:
-            batch["counts"] = torch.from_numpy(t.counts[idx].toarray())
-            batch["library"] = torch.from_numpy(t.library[idx])
-        batch["batch_index"] = torch.from_numpy(t.batch_index[idx])
-        batch["labels"] = torch.from_numpy(t.labels[idx])
-        if t.proteins is not None:
-            batch["proteins"] = torch.from_numpy(t.proteins[idx].astype(np.float32))
-            batch["protein_targets"] = torch.from_numpy(t.protein_targets[idx])
-        return batch
+def require_obs(adata: ad.AnnData, key: str) -> pd.Series:
+    """``obs[key]``, or a :class:`FinetuneDataError` listing the columns there are."""
+    if key not in adata.obs:
+        raise FinetuneDataError(f"{key!r} is not an obs column; columns: {list(adata.obs.columns)}")
+    return adata.obs[key]

@@ -6,6 +6,7 @@ This file must stay importable on its own (only ``transformers``): it travels wi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -14,6 +15,17 @@ NORM_PLACEMENTS = ("pre", "post")
 POOLINGS = ("cls", "mean")
 HIERARCHY_COMBINES = ("concat", "sum")
 POSITION_EMBEDDING_TYPES = ("rank", "none")
+ENCODERS = ("transformer", "mlp")
+PROTEIN_NORMS = ("clr", "clr_cell", "log1p_cpt")
+COVARIANCES = ("diagonal", "full")
+LIKELIHOODS = ("nb", "zinb")
+DISPERSIONS = ("gene", "gene-batch")
+PRIORS = ("normal", "mixture")
+OBJECTIVES = ("elbo", "iwae")
+# What PretrainedConfig itself reads or writes besides its declared fields (saved configs carry these keys).
+_HF_KEYS = {"architectures", "auto_map", "transformers_version", "model_type", "name_or_path", "_name_or_path",
+            "torch_dtype", "dtype", "num_labels", "attn_implementation", "output_attentions", "_commit_hash",
+            "experts_implementation", "per_layer_config"}
 
 
 class ExpressConfig(PretrainedConfig):
@@ -80,17 +92,42 @@ class ExpressConfig(PretrainedConfig):
         tie_word_embeddings (`bool`, defaults to `True`):
             Share the MLM decoder's weight with the level-0 gene embedding table (as BERT ties its word embeddings).
         classifier_pooling (`str`, defaults to `"cls"`):
-            Cell embedding (``pooler_output``) used by :class:`ExpressForCellClassification`: the ``<cls>`` state or
-            the mean over the cell's gene tokens.
-        classifier_dropout (`float`, *optional*):
-            Dropout before the classifier; defaults to ``hidden_dropout_prob``.
+            The cell embedding (``pooler_output``) the fine-tuning heads read: the ``<cls>`` state or the mean over
+            the cell's gene tokens.
         unpad_inputs (`bool`, *optional*):
             Run the encoder on the real tokens only (variable-length batches packed without padding). ``None``
             (default) does so when the batch has padding and the attention is FlashAttention, which then runs its
             variable-length kernel; other attention kernels pad around the attention call only.
+
+    Fine-tuning heads (``modeling_heads``) read these as well:
+
+    Args:
+        encoder (`str`, defaults to `"transformer"`):
+            The cell encoder under a head: ``"transformer"`` (:class:`ExpressModel`, its pooled output) or ``"mlp"``
+            (an MLP on ``log1p(counts / library * 1e4)`` of ``gene_panel``, the scVI-like baseline).
+        gene_panel (`list[str]`, defaults to `[]`):
+            Gene ids, in order, of the counts a head reads (``gene_counts``): the MLP encoder's input and the VAE
+            decoder's output.
+        mlp_hidden_size, mlp_layers (`int`, defaults to 256 and 2):
+            Width and depth of the MLP encoder.
+        input_dropout (`float`, defaults to 0.0):
+            Dropout on the MLP encoder's input genes during training (each gene zeroed with this probability).
+        head_dropout (`float`, defaults to 0.1):
+            Dropout in the MLP encoder and in each fine-tuning head (classifier, regressor, VAE decoder).
+        classifier_hidden_size (`int`, *optional*):
+            A hidden layer (with GELU) in :class:`ExpressForCellClassification`; ``None``: one linear layer.
+        class_weights (`list[float]`, *optional*):
+            Per-class weights of the single-label cross-entropy (e.g. ``n / (C n_c)`` from the training labels).
+        label_smoothing (`float`, defaults to 0.0):
+            Label smoothing of the single-label cross-entropy.
+        protein_norm (`str`, defaults to `"clr"`):
+            The scale protein (ADT) levels are predicted and scored on: ``"clr"`` (per protein across cells, with
+            ``protein_reference``), ``"clr_cell"`` (per cell across proteins) or ``"log1p_cpt"``.
+        protein_reference (`list[float]`, defaults to `[]`):
+            Per-protein ``log`` geometric means of the training cells (``"clr"``).
         num_labels (`int`, *optional*):
-            Number of cell classes for :class:`ExpressForCellClassification` (the standard ``transformers``
-            mechanism; ``id2label`` / ``label2id`` work as usual).
+            Outputs of :class:`ExpressForCellClassification`: cell classes, or proteins for ``problem_type=
+            "regression"`` (the standard ``transformers`` mechanism; ``id2label`` names them).
     """
 
     model_type = "express"
@@ -128,8 +165,18 @@ class ExpressConfig(PretrainedConfig):
         count_weight: float = 1.0,
         tie_word_embeddings: bool = True,
         classifier_pooling: str = "cls",
-        classifier_dropout: float | None = None,
         unpad_inputs: bool | None = None,
+        encoder: str = "transformer",
+        gene_panel: list[str] | None = None,
+        mlp_hidden_size: int = 256,
+        mlp_layers: int = 2,
+        input_dropout: float = 0.0,
+        head_dropout: float = 0.1,
+        classifier_hidden_size: int | None = None,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        protein_norm: str = "clr",
+        protein_reference: list[float] | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = int(vocab_size)
@@ -163,8 +210,22 @@ class ExpressConfig(PretrainedConfig):
         self.count_weight = float(count_weight)
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.classifier_pooling = classifier_pooling
-        self.classifier_dropout = None if classifier_dropout is None else float(classifier_dropout)
         self.unpad_inputs = unpad_inputs
+        self.encoder = encoder
+        self.gene_panel = [str(g) for g in (gene_panel or [])]
+        self.mlp_hidden_size = int(mlp_hidden_size)
+        self.mlp_layers = int(mlp_layers)
+        self.input_dropout = float(input_dropout)
+        self.head_dropout = float(head_dropout)
+        self.classifier_hidden_size = None if classifier_hidden_size is None else int(classifier_hidden_size)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.label_smoothing = float(label_smoothing)
+        self.protein_norm = protein_norm
+        self.protein_reference = [float(r) for r in (protein_reference or [])]
+        unknown = sorted(set(kwargs) - _HF_KEYS - {f.name for f in dataclasses.fields(PretrainedConfig)})
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown field(s) {unknown}; see the class docstring for the "
+                             "fields there are")
         super().__init__(pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id), **kwargs)
         self._validate()
 
@@ -212,9 +273,17 @@ class ExpressConfig(PretrainedConfig):
         check(self.value_embedding_dim >= 0, f"value_embedding_dim must be >= 0, got {self.value_embedding_dim}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             check(0.0 <= getattr(self, name) < 1.0, f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.classifier_dropout is not None:
-            check(0.0 <= self.classifier_dropout < 1.0,
-                  f"classifier_dropout must lie in [0, 1), got {self.classifier_dropout}")
+        for name in ("input_dropout", "head_dropout", "label_smoothing"):
+            check(0.0 <= getattr(self, name) < 1.0, f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        check(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        check(self.encoder != "mlp" or bool(self.gene_panel), "the MLP encoder needs its input genes (gene_panel)")
+        check(self.mlp_hidden_size >= 1 and self.mlp_layers >= 1, "mlp_hidden_size and mlp_layers must be >= 1")
+        check(self.classifier_hidden_size is None or self.classifier_hidden_size >= 1,
+              f"classifier_hidden_size must be >= 1, got {self.classifier_hidden_size}")
+        check(self.class_weights is None or all(w >= 0 for w in self.class_weights),
+              "class_weights must be >= 0")
+        check(self.protein_norm in PROTEIN_NORMS,
+              f"protein_norm must be one of {PROTEIN_NORMS}, got {self.protein_norm!r}")
         for name in ("mlm_weight", "mcv_weight", "count_weight"):
             check(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(0 < self.num_special_tokens < self.vocab_size,
@@ -249,3 +318,102 @@ class ExpressConfig(PretrainedConfig):
             if hasattr(vocab, attribute):
                 derived[field] = int(getattr(vocab, attribute))
         return cls(**{**derived, **kwargs})
+
+
+class ExpressVAEConfig(ExpressConfig):
+    r"""Configuration of :class:`~modeling.modeling_heads.ExpressForVAE`: an encoder (the fields of
+    :class:`ExpressConfig`) under a VAE/IWAE head.
+
+    Args (besides :class:`ExpressConfig`'s):
+        n_latent (`int`, defaults to 16): latent dimension.
+        decoder_hidden_size, decoder_layers (`int`, defaults to 128 and 1): the count decoder's MLP.
+        covariance (`str`, defaults to `"diagonal"`): posterior covariance, ``"diagonal"`` or ``"full"``.
+        likelihood (`str`, defaults to `"nb"`): gene count likelihood, ``"nb"`` or ``"zinb"``.
+        dispersion (`str`, defaults to `"gene"`): inverse dispersion per gene, or per gene and batch
+            (``"gene-batch"``).
+        prior (`str`, defaults to `"normal"`): ``"normal"`` or ``"mixture"`` (a Gaussian mixture whose components are
+            the cell types of ``id2label``).
+        label_parents (`list[int]`, *optional*): coarse type per cell type: a hyperprior pulls sibling component
+            means together.
+        hyper_scale (`float`, defaults to 1.0): standard deviation of that hyperprior.
+        batch_categories (`list[str]`, defaults to `[]`): the training batches, in one-hot order (the decoder
+            reads them; empty: no batch conditioning).
+        proteins (`list[str]`, defaults to `[]`): protein names: a negative-binomial protein decoder from the same
+            latent (the multimodal VAE).
+        objective (`str`, defaults to `"elbo"`): ``"elbo"`` or ``"iwae"``.
+        n_importance_samples (`int`, defaults to 1): IWAE samples K.
+        dreg (`bool`, defaults to `True`): the DReG encoder gradient for IWAE.
+        kl_warmup_steps (`int`, defaults to 0): training batches over which the ELBO's KL weight rises to 1.
+        classification_weight (`float`, defaults to 50.0): weight of the labelled cells' ``-log p(c|z)`` (mixture
+            prior; scANVI's classification ratio).
+        n_train_cells (`int`, *optional*): training-set size, which scales the hyperprior (a term over all cells) to
+            one batch; defaults to the batch size.
+        protein_samples (`int`, defaults to 64): posterior-predictive samples behind a protein prediction.
+    """
+
+    model_type = "express_vae"
+
+    def __init__(
+        self,
+        n_latent: int = 16,
+        decoder_hidden_size: int = 128,
+        decoder_layers: int = 1,
+        covariance: str = "diagonal",
+        likelihood: str = "nb",
+        dispersion: str = "gene",
+        prior: str = "normal",
+        label_parents: list[int] | None = None,
+        hyper_scale: float = 1.0,
+        batch_categories: list[str] | None = None,
+        proteins: list[str] | None = None,
+        objective: str = "elbo",
+        n_importance_samples: int = 1,
+        dreg: bool = True,
+        kl_warmup_steps: int = 0,
+        classification_weight: float = 50.0,
+        n_train_cells: int | None = None,
+        protein_samples: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        self.n_latent = int(n_latent)
+        self.decoder_hidden_size = int(decoder_hidden_size)
+        self.decoder_layers = int(decoder_layers)
+        self.covariance = covariance
+        self.likelihood = likelihood
+        self.dispersion = dispersion
+        self.prior = prior
+        self.label_parents = None if label_parents is None else [int(p) for p in label_parents]
+        self.hyper_scale = float(hyper_scale)
+        self.batch_categories = [str(b) for b in (batch_categories or [])]
+        self.proteins = [str(p) for p in (proteins or [])]
+        self.objective = objective
+        self.n_importance_samples = int(n_importance_samples)
+        self.dreg = bool(dreg)
+        self.kl_warmup_steps = int(kl_warmup_steps)
+        self.classification_weight = float(classification_weight)
+        self.n_train_cells = None if n_train_cells is None else int(n_train_cells)
+        self.protein_samples = int(protein_samples)
+        super().__init__(**kwargs)
+
+    def _validate(self) -> None:
+        super()._validate()
+        choices = {"covariance": COVARIANCES, "likelihood": LIKELIHOODS, "dispersion": DISPERSIONS, "prior": PRIORS,
+                   "objective": OBJECTIVES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ExpressVAEConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        checks = [
+            (self.n_latent >= 1, f"n_latent must be >= 1, got {self.n_latent}"),
+            (self.decoder_hidden_size >= 1 and self.decoder_layers >= 1, "the decoder needs width and depth >= 1"),
+            (bool(self.gene_panel), "the VAE needs the decoder's genes (gene_panel)"),
+            (self.n_importance_samples >= 1, "n_importance_samples must be >= 1"),
+            (self.objective != "iwae" or self.n_importance_samples >= 2,
+             "objective='iwae' needs n_importance_samples >= 2"),
+            (self.dispersion != "gene-batch" or bool(self.batch_categories),
+             "dispersion='gene-batch' needs batch_categories"),
+            (self.kl_warmup_steps >= 0 and self.protein_samples >= 1, "kl_warmup_steps >= 0, protein_samples >= 1"),
+            (self.hyper_scale > 0, f"hyper_scale must be > 0, got {self.hyper_scale}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ExpressVAEConfig: {message}")

@@ -1,7 +1,8 @@
 """The express encoder: a BERT-style transformer over rank-encoded cells, with pretraining and classification heads.
 
 Reading order: embeddings -> attention -> feed-forward -> layer -> ``ExpressPreTrainedModel`` (weight init, gene
-statistics) -> ``ExpressModel`` -> heads (``ExpressForMaskedModeling``, ``ExpressForCellClassification``).
+statistics) -> ``ExpressModel`` -> the pretraining heads (``ExpressForMaskedModeling``). The fine-tuning heads are in
+``modeling_heads.py``.
 
 A cell arrives as the express tokenizer writes it: ``<cls>``, its detected genes in descending order of normalised
 expression, then sampled zero-expressed genes (an unordered set). Per token the model reads the gene id, its
@@ -13,15 +14,18 @@ Attention goes through the ``transformers`` attention interface, so ``attn_imple
 sees only real tokens, and FlashAttention runs its variable-length kernel on the packed tokens (see
 ``ExpressConfig.unpad_inputs``).
 
-This file imports only ``torch``, ``transformers`` and its two sibling files: it travels with saved checkpoints so
-that ``trust_remote_code=True`` loads them without the express package.
+This file imports only ``torch``, ``transformers`` and its sibling files: it travels with saved checkpoints so that
+``trust_remote_code=True`` loads them without the express package.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +36,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
@@ -44,13 +48,21 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # targets at this value are not scored (the convention of PyTorch's losses and transformers)
+# The files that travel with a checkpoint (they import only torch, transformers and each other).
+CODE_FILES = ("configuration_express.py", "modeling_express.py", "modeling_heads.py", "vae.py", "likelihoods.py")
 # Every Auto class a saved checkpoint should answer with its own code, whichever of the classes was saved.
-AUTO_MAP = {
-    "AutoConfig": "configuration_express.ExpressConfig",
-    "AutoModel": "modeling_express.ExpressModel",
-    "AutoModelForMaskedLM": "modeling_express.ExpressForMaskedModeling",
-    "AutoModelForSequenceClassification": "modeling_express.ExpressForCellClassification",
+AUTO_MAPS = {
+    "express": {
+        "AutoConfig": "configuration_express.ExpressConfig",
+        "AutoModel": "modeling_express.ExpressModel",
+        "AutoModelForMaskedLM": "modeling_express.ExpressForMaskedModeling",
+        "AutoModelForSequenceClassification": "modeling_heads.ExpressForCellClassification",
+    },
+    "express_vae": {
+        "AutoConfig": "configuration_express.ExpressVAEConfig",
+        "AutoModel": "modeling_heads.ExpressForVAE",
+    },
 }
 
 
@@ -127,12 +139,10 @@ class ExpressEmbeddings(nn.Module):
         values: torch.Tensor | None,
         is_zero: torch.Tensor,
         positions: torch.Tensor | None,
-        group_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         gene = self.gene_embeddings(input_ids)  # (..., Dg)
         if self.group_embeddings:
-            if group_ids is None:
-                group_ids = self.gene_group_ids[input_ids]  # (..., L)
+            group_ids = self.gene_group_ids[input_ids]  # (..., L): the vocabulary's groups, the one source of them
             groups = [table(group_ids[..., level]) for level, table in enumerate(self.group_embeddings)]
             if self.config.hierarchy_combine == "concat":
                 gene = torch.cat([gene, *groups], dim=-1)  # (..., Dg + sum(Dl))
@@ -316,7 +326,7 @@ class ExpressPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["ExpressEmbeddings", "ExpressLayer"]
     # A checkpoint from one head loads into another (pretraining -> fine-tuning) without listing the other's weights.
-    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count)_head\.", r"^classifier\."]
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count)_head\.", r"^(hidden|classifier)\.", r"^vae\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -337,10 +347,24 @@ class ExpressPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``; when the code travels with the checkpoint (the classes are registered
         for the Auto classes, as importing ``modeling`` does), ``config.json`` maps every Auto class to it, so a
-        checkpoint saved from any head loads with any Auto class and ``trust_remote_code=True``."""
+        checkpoint saved from any head loads with any Auto class and ``trust_remote_code=True``.
+
+        Files get the permissions the user's umask gives any new file (``transformers`` writes the weights through a
+        private temporary file, mode 0600), so others can read a model on a shared filesystem."""
         if self._auto_class is not None and self.config._auto_class is not None:
-            self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            own = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**AUTO_MAPS[self.config.model_type], **own}
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:  # every code file, so that any Auto class of the auto_map finds its class
+            for name in CODE_FILES:
+                if not (Path(save_directory) / name).exists():
+                    shutil.copyfile(Path(__file__).with_name(name), Path(save_directory) / name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in Path(save_directory).iterdir():
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
+        return result
 
     def _embeddings(self) -> ExpressEmbeddings:
         return self.base_model.embeddings
@@ -449,7 +473,6 @@ class ExpressModel(ExpressPreTrainedModel):
         values: torch.Tensor | None = None,
         is_zero: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        group_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -463,8 +486,9 @@ class ExpressModel(ExpressPreTrainedModel):
             is_zero (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for sampled zero-expressed genes.
             attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens, 0 for padding;
                 defaults to ``input_ids != pad_token_id``.
-            group_ids (`torch.LongTensor` of shape `(B, T, n_levels)`, *optional*): hierarchy groups per token;
-                looked up from the ``gene_group_ids`` buffer by default.
+
+        Each token's hierarchy groups and zero fraction are looked up from the model's buffers
+        (:meth:`ExpressPreTrainedModel.set_gene_statistics`).
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -480,11 +504,6 @@ class ExpressModel(ExpressPreTrainedModel):
                 f"{self.config.max_position_embeddings}; tokenize with a smaller top_k or build the model with a "
                 "larger max_position_embeddings"
             )
-        if group_ids is not None and group_ids.shape != (batch_size, seq_len, self.config.n_levels):
-            raise ValueError(
-                f"group_ids must have shape (batch, tokens, n_levels) = ({batch_size}, {seq_len}, "
-                f"{self.config.n_levels}), got {tuple(group_ids.shape)}"
-            )
         if not self._checked_statistics:
             self._check_statistics()
         if attention_mask is None:
@@ -497,7 +516,7 @@ class ExpressModel(ExpressPreTrainedModel):
 
         packing = ExpressPacking.from_mask(attention_mask) if self._should_unpad(attention_mask) else None
         if packing is None:
-            hidden_states = self.embeddings(input_ids, values, is_zero, positions, group_ids)  # (B, T, H)
+            hidden_states = self.embeddings(input_ids, values, is_zero, positions)  # (B, T, H)
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
@@ -508,7 +527,6 @@ class ExpressModel(ExpressPreTrainedModel):
                 None if values is None else packing.pack(values),
                 packing.pack(is_zero),
                 packing.pack(positions),
-                None if group_ids is None else packing.pack(group_ids),
             ).unsqueeze(0)  # (1, N, H)
             if _is_flash_attention(self.config._attn_implementation):
                 mask, layer_kwargs = None, {"packing": packing, **packing.flash_kwargs()}
@@ -663,7 +681,6 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         values: torch.Tensor | None = None,
         is_zero: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        group_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         mcv_counts: torch.Tensor | None = None,
         mcv_library_size: torch.Tensor | None = None,
@@ -687,7 +704,7 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.express(
-            input_ids, values=values, is_zero=is_zero, attention_mask=attention_mask, group_ids=group_ids,
+            input_ids, values=values, is_zero=is_zero, attention_mask=attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True, **kwargs,
         )
         sequence = outputs.last_hidden_state  # (B, T, H)
@@ -779,67 +796,7 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         return nll / counts.sum().clamp_min(1.0)
 
 
-class ExpressForCellClassification(ExpressPreTrainedModel):
-    """Cell-level classifier (or regressor) on the pooled cell embedding (``config.classifier_pooling``)."""
-
-    def __init__(self, config: ExpressConfig) -> None:
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.express = ExpressModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        values: torch.Tensor | None = None,
-        is_zero: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        group_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        r"""
-        Args (besides :meth:`ExpressModel.forward`'s):
-            labels (`(B,)`): class index per cell (cross-entropy), or float targets for ``problem_type`` regression /
-                multi-label classification, as in ``transformers``' sequence classifiers.
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.express(
-            input_ids, values=values, is_zero=is_zero, attention_mask=attention_mask, group_ids=group_ids,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True, **kwargs,
-        )
-        logits = self.classifier(self.dropout(outputs.pooler_output))  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            problem_type = self.config.problem_type
-            if problem_type is None:
-                if self.num_labels == 1:
-                    problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem_type = "single_label_classification"
-                else:
-                    problem_type = "multi_label_classification"
-            if problem_type == "regression":
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 \
-                    else F.mse_loss(logits.float(), labels.float())
-            elif problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        output = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
-
-
 __all__ = [
-    "ExpressForCellClassification",
     "ExpressForMaskedModeling",
     "ExpressMaskedModelingOutput",
     "ExpressModel",

@@ -29,40 +29,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import anndata as ad  # noqa: E402
-import torch  # noqa: E402
-
-from finetune import api  # noqa: E402
-from finetune import baselines as B  # noqa: E402
-from finetune import metrics as M  # noqa: E402
-from finetune.data import fit_protein_reference, normalize_proteins, protein_counts, split_adata  # noqa: E402
+from finetune import api
+from finetune import baselines as B
+from finetune import metrics as M
+from finetune.benchmark.splits import SPLITS, shared_data_dir
+from finetune.data import fit_protein_reference, normalize_proteins, protein_counts, split_adata
 
 logger = logging.getLogger("bench_finetune")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPLITS = {
-    "cite": ("bmmc_cite_600.h5ad", "batch", ["s1d2"]),
-    "cellbench": ("cellbench_lung_1408.h5ad", "batch", ["sc_celseq2_5cl_p3", "sc_dropseq"]),
-    "kang": ("kang2018_pbmc_12261.h5ad", "donor", ["1244", "1256"]),
-}
 BUDGETS = {
     # epochs per task for the MLP-encoder arms ("epochs") and the two transformer arms ("tf_epochs"); the
     # architecture and tokenization of the transformer without pretraining (with --pretrained: the pretrained
     # model's architecture instead, so the two transformer arms differ only in their starting weights)
     "small": {"epochs": {"cite": 100, "cellbench": 30, "kang": 15}, "tf_epochs": {"cite": 30, "cellbench": 20, "kang": 10},
               "transformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-              "tokenize": dict(top_k=256, n_zeros=50)},
+              "tokenization": dict(top_k=256, n_zeros=50)},
     "full": {"epochs": {"cite": 150, "cellbench": 60, "kang": 30}, "tf_epochs": {"cite": 100, "cellbench": 30, "kang": 10},
              "transformer": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
-             "tokenize": dict(top_k=256, n_zeros=50)},
+             "tokenization": dict(top_k=256, n_zeros=50)},
 }
 ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
                 "norm_placement", "classifier_pooling")
@@ -82,9 +73,9 @@ def transformer_arms(budget: dict, pretrained: str | None, lr: float, pretrained
 
         config = ExpressConfig.from_pretrained(pretrained)
         transformer = {k: getattr(config, k) for k in ARCHITECTURE}
-    scratch = {"encoder": "transformer", "transformer": transformer, "tokenize": budget["tokenize"]}
+    scratch = {"encoder": "transformer", "transformer": transformer, "tokenization": budget["tokenization"]}
     warm = {"model": pretrained, "encoder": "transformer", "gene_id_key": PRETRAINED_GENE_ID_KEY,
-            "tokenize": budget["tokenize"], "encoder_lr": lr, **(pretrained_kwargs or {})}
+            "tokenization": budget["tokenization"], "encoder_lr": lr, **(pretrained_kwargs or {})}
     return scratch, warm
 
 
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_top_genes", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data_dir", default=str(DATA))
+    parser.add_argument("--data_dir", default=str(shared_data_dir()))
     parser.add_argument("--out", default="bench_finetune", help="output stem: writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,21 +31,16 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numba
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_tokenizer import ensure_corpus  # noqa: E402
-from tokenizer.io import H5adSource, scan_counts  # noqa: E402
-from tokenizer.sketch import _LOG_TABLE, QuantileSketch, _projection_base, accumulate_rows, profile_table  # noqa: E402
-from tokenizer.stats import _Tables  # noqa: E402
+from tokenizer.io import H5adSource, scan_counts
+from tokenizer.sketch import _LOG_TABLE, QuantileSketch, _projection_base, accumulate_rows, profile_table
+from tokenizer.stats import _Tables
+from tokenizer.synthetic import synthetic_corpus
 
 
 @numba.njit(nogil=True)
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = ensure_corpus(data_dir, args.n_cells, args.n_genes, args.seed, None)
+    path = synthetic_corpus(data_dir, args.n_cells, args.n_genes, seed=args.seed)
 
     times, n_rows, n_counts = measure(args, path)
     together = measure_at_once(args, path, args.processes) if args.processes > 1 else None

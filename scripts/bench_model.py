@@ -26,9 +26,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 import torch
 
 from modeling import ExpressConfig, ExpressForMaskedModeling
+from tokenizer.output import write_bytes
 
 logger = logging.getLogger("bench_model")
 
@@ -349,12 +348,8 @@ def main(args: Args) -> list[dict]:
         payload = {"args": asdict(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                    "results": results}
-        out = Path(args.out)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        write_bytes(Path(args.out), json.dumps(payload, indent=2).encode())
+        print(f"wrote {args.out}")
     return results
 
 

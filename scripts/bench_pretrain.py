@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -50,8 +49,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import SPLITS  # noqa: E402  (one list of fine-tuning test cells for both benchmarks)
+from finetune.benchmark.splits import held_out_mask, shared_data_dir
 
 LABELLED = {"kang2018_pbmc_12261": "cell_type", "cellbench_lung_1408": "cell_type", "bmmc_cite_600": "cell_type",
             "pbmc68k_counts": "cell_type"}
@@ -63,7 +61,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget_minutes", type=float, default=60.0, help="pretraining time budget (training only)")
-    p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data_dir", default=str(shared_data_dir()))
     p.add_argument("--out", default="runs/bench_pretrain")
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--num_hidden_layers", type=int, default=4)
@@ -96,13 +94,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def finetune_test_mask(obs) -> np.ndarray:
-    """True for the cells of ``obs`` that some fine-tuning benchmark split tests on (``SPLITS``: ``obs[key]`` is one
-    of the split's test values, in any file that has the column ``key``)."""
-    mask = np.zeros(len(obs), dtype=bool)
-    for _file, key, test_values in SPLITS.values():
-        if key in obs.columns:
-            mask |= obs[key].astype(str).isin([str(v) for v in test_values]).to_numpy()
-    return mask
+    """True for the cells of ``obs`` that some fine-tuning benchmark split tests on."""
+    return held_out_mask(obs)
 
 
 def pretraining_inputs(inputs: list[tuple[Path, str | None]], out: Path, exclude: bool
@@ -141,6 +134,7 @@ def tokenize_all(data_dir: Path, out: Path, args) -> tuple[list[Path], dict[str,
     folder per labelled file for the kNN evaluation, and what was left out."""
     import tokenizer
     from tokenizer.data import pbmc68k_counts
+    from tokenizer.tokenize import MANIFEST_FILE
 
     files = sorted(data_dir.glob("*.h5ad"))
     if not files:
@@ -167,11 +161,11 @@ def tokenize_all(data_dir: Path, out: Path, args) -> tuple[list[Path], dict[str,
         tokenizer.merge_statistics(parts, merged, min_cells=args.min_cells, overwrite=True)
 
     def tokenize(path, totals_key, folder):
-        if redo or not (folder / "manifest.json").is_file():
+        if redo or not (folder / MANIFEST_FILE).is_file():
             obs_keys = [LABELLED[path.stem]] if path.stem in LABELLED else None
             tokenizer.tokenize_files([path], merged, folder, gene_id_key="gene_symbol", total_counts_key=totals_key,
-                                     obs_keys=obs_keys, keep_counts=True, top_k=args.top_k, n_zeros=args.n_zeros,
-                                     overwrite=True, progress=False)
+                                     obs_keys=obs_keys, keep_counts=True, overwrite=True, progress=False,
+                                     spec=tokenizer.TokenizationSpec(top_k=args.top_k, n_zeros=args.n_zeros))
         return folder
 
     folders = [tokenize(path, key, out / "tokens" / path.stem) for path, key in train_inputs]
@@ -323,15 +317,16 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
 
     import modeling
-    from pretrain.data import CellDataset, ExpressCollator, LengthGroupedBatchSampler, load_corpus, \
-        open_tokenized_dataset
-    from pretrain.run import PretrainArgs, evaluate, make_collator
+    from pretrain.data import CellDataset, ExpressCollator, LengthGroupedBatchSampler, load_corpus
+    from pretrain.objectives import evaluate, make_collator
+    from pretrain.run import PretrainArgs
+    from tokenizer import TokenizedCells
 
     # held-out MLM / MCV metrics on exactly the cells and masks the run evaluated
     train_args = json.loads((Path(result["final_dir"]) / "training_args.json").read_text())
     run = PretrainArgs(**train_args)
     corpus = load_corpus(run.dataset, eval_fraction=run.eval_fraction, seed=run.seed,
-                         max_eval_cells=run.max_eval_cells, require_counts="mcv" in run.objective_list)
+                         max_eval_cells=run.max_eval_cells, require_counts=True)
     torch.manual_seed(args.seed)
     pretrained = modeling.ExpressForMaskedModeling.from_pretrained(result["final_dir"])
     random_model = modeling.ExpressForMaskedModeling(pretrained.config)  # same architecture, fresh weights
@@ -339,7 +334,10 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"pretrained": pretrained, "random weights": random_model}
     sampler = LengthGroupedBatchSampler(corpus.eval.lengths, 64, seed=run.seed + 1, shuffle=False, drop_last=False)
     loader = torch.utils.data.DataLoader(corpus.eval, batch_sampler=sampler,
-                                         collate_fn=make_collator(run, corpus, seed=run.seed + 1))
+                                         collate_fn=make_collator(corpus.vocab, corpus.specs, run.objective_list,
+                                                                  mlm_probability=run.mlm_probability,
+                                                                  mcv_input_fraction=run.mcv_input_fraction,
+                                                                  seed=run.seed + 1))
     accelerator = Accelerator(cpu=True)
     held_out = {name: evaluate(m, loader, accelerator, run.objective_list) for name, m in models.items()}
 
@@ -353,9 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
         if stem not in LABELLED:
             continue
         # cells seen in pretraining: the training rows of this dataset's pretraining folder, by cell id
-        seen_ids = set(np.asarray(corpus.datasets[index].dataset.select(corpus.train.rows[index].tolist())["cell_id"],
+        seen_ids = set(np.asarray(corpus.parts[index].dataset.select(corpus.train.rows[index].tolist())["cell_id"],
                                   dtype=object).tolist())
-        part = corpus.datasets[index] if eval_folders[stem] == folder else open_tokenized_dataset(eval_folders[stem])
+        part = corpus.parts[index] if eval_folders[stem] == folder else TokenizedCells.load(eval_folders[stem])
         ds = part.dataset
         labels_all = np.asarray(ds[LABELLED[stem]], dtype=object).astype(str)
         keep = np.flatnonzero(~np.isin(np.char.lower(labels_all.astype(str)), list(NOT_A_LABEL)))
@@ -364,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         labels = labels_all[keep]
         cell_ids = np.asarray(ds.select(keep.tolist())["cell_id"], dtype=object)
         seen = np.array([c in seen_ids for c in cell_ids], dtype=bool)
-        cells = CellDataset([part], [keep])
+        cells = CellDataset([part.dataset], [keep])
         rows = {}
         for name, model in models.items():
             cls_emb, mean_emb = embed(model.express, cells, plain)

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import psutil
 
+from tokenizer.synthetic import synthetic_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGE_CODE = {
@@ -131,18 +133,6 @@ def run_stage(code: str, tree: Path = ROOT) -> dict:
     return {"seconds": inner["seconds"], "cpu_s": inner["cpu_s"], "wall_s": wall, "peak_rss_mib": peak / 2**20}
 
 
-def ensure_corpus(data_dir: Path, n_cells: int, n_genes: int, seed: int, compression: str | None) -> Path:
-    suffix = f"_{compression}" if compression else ""
-    path = data_dir / f"synthetic_{n_cells}x{n_genes}_s{seed}{suffix}.h5ad"
-    if not path.is_file():
-        print(f"generating {path} ...", flush=True)
-        extra = ["--compression", compression] if compression else []
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic.py"), "--out", str(path),
-                        "--n_cells", str(n_cells), "--n_genes", str(n_genes), "--seed", str(seed), "--quiet",
-                        *extra], check=True)
-    return path
-
-
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -199,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n_cells in sizes:
-        path = ensure_corpus(data_dir, n_cells, args.n_genes, args.seed, args.compression)
+        path = synthetic_corpus(data_dir, n_cells, args.n_genes, seed=args.seed, compression=args.compression)
         work = data_dir / f"run_{n_cells}{'_' + args.compression if args.compression else ''}"
         runs: dict[str, list[dict]] = {stage: [] for stage in stages}
         output_bytes = 0

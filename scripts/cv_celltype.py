@@ -9,20 +9,16 @@ Kang 2018, six training donors in three folds (what the README reports)::
 
     python scripts/cv_celltype.py --data ../shared/data/kang2018_pbmc_12261.h5ad --group_key donor \\
         --drop 1244 1256 --folds 1015 1488,107 1016,101,1039 --out runs/kang_cv.jsonl \\
-        --baseline --arm default '{"epochs": 15}' --arm one_layer '{"epochs": 15, "head": {"dropout": 0.3, "mlp_layers": 1}}'
+        --baseline --arm default '{"epochs": 15}' --arm one_layer '{"epochs": 15, "head": {"head_dropout": 0.3, "mlp_layers": 1}}'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

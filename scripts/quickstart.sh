@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in default data (scanpy's pbmc68k_reduced, turned back into raw counts), end to end:
 # set up .venv on first run, tokenize, pretrain a small encoder with MLM + MCV, fine-tune it for cell types on a
-# fixed 80/20 split, and compare with L1 logistic regression. About 12 minutes on a 2-core CPU.
+# fixed 80/20 split, and compare with L1 logistic regression. About 7 minutes on a 2-core CPU once set up.
 # Outputs go to ./express_demo (override with EXPRESS_DEMO_DIR); every step overwrites its previous output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +25,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 echo "== 3/4 fine-tune cell types from the pretrained encoder (test: the held-out 20%) =="
 # Small batches and a 1e-3 encoder learning rate: with only 150 pretraining steps the encoder is barely trained, and
 # the defaults (batch 64, 1e-4) leave it predicting the majority class on 560 training cells.
-python finetune/run.py --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
+express-finetune --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
   --split_key split --test_values test --label_key cell_type --epochs 8 --batch_size 16 --encoder_lr 1e-3 \
   --output_dir "$OUT/celltype" --overwrite
 

@@ -6,7 +6,9 @@ they skip with the reason; CI sets ``EXPRESS_REQUIRE_SHARED_DATA=1`` so a missin
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,14 @@ def shared_path(name: str) -> Path:
 def shared():
     """The :func:`shared_path` helper as a fixture: ``shared("kang2018_pbmc_12261.h5ad")``."""
     return shared_path
+
+
+def load_script(name: str):
+    """A script of ``scripts/`` as a module (the scripts are not a package; the project itself is installed)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

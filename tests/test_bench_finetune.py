@@ -4,12 +4,10 @@ in the README come from running it by hand)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from conftest import load_script
 
-import bench_finetune  # noqa: E402
+bench_finetune = load_script("bench_finetune")
 
 
 def test_bench_finetune_selected_arms_on_cite(shared, tmp_path):
@@ -52,7 +50,7 @@ def test_transformer_arms_differ_only_in_their_starting_weights(tmp_path):
                                                    "intermediate_size", "classifier_pooling")} == \
         {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 96,
          "classifier_pooling": "mean"}
-    assert scratch["tokenize"] == warm["tokenize"] == budget["tokenize"]
+    assert scratch["tokenization"] == warm["tokenization"] == budget["tokenization"]
     assert warm["model"] == str(tmp_path) and warm["encoder_lr"] == 2e-3 and warm["batch_size"] == 16
     assert warm["gene_id_key"] == "gene_symbol" and "model" not in scratch
     scratch, _ = bench_finetune.transformer_arms(budget, None, 2e-3, None)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from bench_pretrain import finetune_test_mask  # noqa: E402
+from finetune.benchmark.splits import held_out_mask as finetune_test_mask
 
 
 def test_finetune_test_cells_are_masked_by_value_in_any_file_with_the_column():

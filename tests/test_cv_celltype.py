@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from conftest import load_script
 
-import cv_celltype  # noqa: E402
+cv_celltype = load_script("cv_celltype")
 
 
 def test_group_folds_masks_and_errors():
@@ -32,7 +30,7 @@ def test_cv_on_cellbench_batches_never_reads_the_dropped_batch(shared, tmp_path)
     out = tmp_path / "cv.jsonl"
     scores = cv_celltype.main(["--data", str(data), "--group_key", "batch", "--drop", "sc_dropseq",
                                "sc_celseq2_5cl_p3", "--folds", "sc_celseq2", "sc_celseq2_5cl_p1,sc_celseq2_5cl_p2",
-                               "--baseline", "--arm", "mlp", '{"epochs": 3, "head": {"mlp_hidden": 32}}',
+                               "--baseline", "--arm", "mlp", '{"epochs": 3, "head": {"mlp_hidden_size": 32}}',
                                "--n_top_genes", "500", "--out", str(out)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and {r["arm"] for r in records} == {"l1_logistic_regression", "mlp"}

@@ -20,7 +20,8 @@ from finetune.data import (
     split_adata,
 )
 from finetune.run import FinetuneArgs
-from pretrain.training import parse_args
+from pretrain.args import parse_args
+from tokenizer import InputError
 
 
 def test_protein_normalisations_by_hand():
@@ -45,8 +46,8 @@ def test_protein_normalisations_by_hand():
 
 def test_log_normalize_and_align_genes():
     counts = sp.csr_matrix(np.array([[1, 0, 3], [0, 4, 0]], dtype=np.float32))
-    out = log_normalize(counts, library=np.array([8.0, 4.0]))
-    np.testing.assert_allclose(out.toarray(), np.log1p(counts.toarray() / np.array([[8.0], [4.0]]) * 1e4), rtol=1e-6)
+    out = log_normalize(counts)  # each cell's library is its row sum: 4 and 4
+    np.testing.assert_allclose(out.toarray(), np.log1p(counts.toarray() / np.array([[4.0], [4.0]]) * 1e4), rtol=1e-6)
     aligned = align_genes(counts, np.array(["a", "b", "c"]), ["c", "zz", "a"])
     np.testing.assert_array_equal(aligned.toarray(), [[3, 0, 1], [0, 0, 0]])
     with pytest.raises(FinetuneDataError, match="gene_id_key"):
@@ -77,9 +78,9 @@ def test_command_line_and_config_file(tmp_path):
                                   "objective": "iwae", "n_samples": 5}))
     args = parse_args(FinetuneArgs, ["--config", str(config), "--epochs", "3", "--covariance", "full"])
     assert (args.task, args.data, args.epochs, args.n_samples, args.covariance) == ("vae", "a.h5ad", 3, 5, "full")
-    with pytest.raises(ValueError, match="--data"):
+    with pytest.raises(InputError, match="--data"):
         parse_args(FinetuneArgs, ["--task", "vae", "--output_dir", "o"])
-    with pytest.raises(ValueError, match="n_samples"):
+    with pytest.raises(InputError, match="n_samples"):
         parse_args(FinetuneArgs, ["--task", "vae", "--data", "a", "--output_dir", "o", "--objective", "iwae"])
     with pytest.raises(SystemExit):
         parse_args(FinetuneArgs, ["--task", "segmentation", "--data", "a", "--output_dir", "o"])

@@ -89,7 +89,7 @@ def test_vae_mlp_on_cite_semi_supervised_iwae(tmp_path, cite_path, cite):
     assert metrics["accuracy"] > metrics["majority_accuracy"] + 0.1
     assert metrics["macro_f1"] > metrics["majority_macro_f1"] + 0.05
     model = api.load_model(tmp_path / "out" / "model")
-    null = _poisson_null(cite[0], cite[1], model.settings.decoder_genes)
+    null = _poisson_null(cite[0], cite[1], model.config.gene_panel)
     assert np.isfinite(metrics["marginal_log_likelihood"])
     assert metrics["marginal_log_likelihood"] > null
     assert metrics["embedding"]["knn_accuracy"] > 0.4
@@ -177,7 +177,7 @@ def test_run_under_accelerate_launch_with_two_processes(tmp_path, cite_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            str(repo / "finetune" / "run.py"), "--task", "cell-type", "--encoder", "mlp", "--data", cite_path,
            "--split_key", "batch", "--test_values", "s1d2", "--label_key", "cell_type", "--output_dir",
-           str(tmp_path / "ddp"), "--epochs", "4", "--no-plots", "--num_threads", "1", "--n_top_genes", "300"]
+           str(tmp_path / "ddp"), "--epochs", "4", "--no_plots", "--num_threads", "1", "--n_top_genes", "300"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -193,10 +193,10 @@ def test_hierarchy_hyperprior_from_an_obs_column(cite):
     vae = api.train_vae(train, encoder="mlp", label_key="cell_type", hierarchy_key="lineage", n_top_genes=200,
                         epochs=2)
     names = [vae.config.id2label[i] for i in range(len(vae.config.id2label))]
-    parents = vae.settings.label_parents
+    parents = vae.config.label_parents
     coarse = sorted(train.obs["lineage"].unique())
     assert [coarse[p] for p in parents] == [n.split(" ")[0] for n in names]
-    assert vae.vae.prior.parent_means.shape == (len(coarse), vae.settings.n_latent)
+    assert vae.vae.prior.parent_means.shape == (len(coarse), vae.config.n_latent)
     train.obs.loc[train.obs_names[0], "lineage"] = "somewhere else"  # one type now has two parents
     with pytest.raises(ValueError, match="several parents"):
         api.train_vae(train, encoder="mlp", label_key="cell_type", hierarchy_key="lineage", epochs=1)

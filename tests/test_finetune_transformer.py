@@ -32,24 +32,24 @@ def checkpoint(tmp_path_factory, cite):
 
 def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, cite):
     path, pretrained = checkpoint
-    net, table = api.prepare_model("cell-type", cite[0][:64].copy(), model=path, encoder="transformer",
-                                   label_key="cell_type", freeze_layers=1)
+    cells = cite[0][:64].copy()
+    net = api.prepare_model("cell-type", cells, model=path, encoder="transformer", label_key="cell_type",
+                            freeze_layers=1)
     for name, value in pretrained.express.state_dict().items():
         torch.testing.assert_close(net.express.state_dict()[name], value, msg=name)
     from tokenizer import GeneVocab
 
     assert net.vocab.fingerprint() == GeneVocab.load(path).fingerprint()
-    assert table.tokens is not None and len(table.tokens.offsets) == 65
+    table = api.cells_for(cells, net, label_key="cell_type")
+    assert len(table) == 64 and table["input_ids"][0][0] == net.vocab.cls_id
     assert not any(p.requires_grad for p in net.express.embeddings.parameters())
     assert not any(p.requires_grad for p in net.express.layers[0].parameters())
     assert all(p.requires_grad for p in net.express.layers[1].parameters())
     # freezing everything: training moves the classifier only
-    frozen, table = api.prepare_model("cell-type", cite[0][:64].copy(), model=path, encoder="transformer",
-                                      label_key="cell_type", freeze_layers=-1)
+    frozen = api.prepare_model("cell-type", cells, model=path, encoder="transformer", label_key="cell_type",
+                               freeze_layers=-1)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
-    from finetune.trainer import TrainSettings, fit
-
-    fit(frozen, table, TrainSettings(epochs=1, batch_size=16), token_collator=api.token_collator_for(frozen))
+    api.fit(frozen, api.cells_for(cells, frozen, label_key="cell_type"), api.TrainSettings(epochs=1, batch_size=16))
     after = frozen.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("express."))
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
@@ -60,28 +60,36 @@ def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, ci
 def test_pretrained_models_tokenization_is_the_default(checkpoint, cite, tmp_path):
     """New cells are tokenized as the pretraining corpus was (tokenization.json beside the weights), unless the
     caller says otherwise; a folder without the file falls back to the tokenizer's defaults."""
-    import json
     import shutil
+
+    from tokenizer import TokenizationSpec
 
     path, _ = checkpoint
     folder = tmp_path / "pretrained"
     shutil.copytree(path, folder)
-    (folder / "tokenization.json").write_text(json.dumps({"top_k": 20, "n_zeros": 3}))
+    TokenizationSpec(top_k=20, n_zeros=3, seed=5).save(folder)
     cells = cite[0][:32].copy()
-    net, table = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type")
-    assert net.settings.tokenize == {"top_k": 20, "n_zeros": 3}
-    lengths = np.diff(table.tokens.offsets)
-    assert lengths.max() == 1 + 20 + 3  # <cls>, the top 20 detected genes, 3 sampled zeros
-    net, table = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type",
-                                   tokenize={"n_zeros": 0})
-    assert net.settings.tokenize == {"top_k": 20, "n_zeros": 0} and np.diff(table.tokens.offsets).max() == 21
-    net, table = api.prepare_model("cell-type", cells, model=path, encoder="transformer", label_key="cell_type")
-    assert net.settings.tokenize == {} and np.diff(table.tokens.offsets).max() > 1 + 20 + 3
+
+    def longest(net):
+        return max(len(ids) for ids in api.cells_for(cells, net)["input_ids"])
+
+    net = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type")
+    assert (net.tokenization.top_k, net.tokenization.n_zeros, net.tokenization.seed) == (20, 3, 5)
+    assert longest(net) == 1 + 20 + 3  # <cls>, the top 20 detected genes, 3 sampled zeros
+    net = api.prepare_model("cell-type", cells, model=folder, encoder="transformer", label_key="cell_type",
+                            tokenization={"n_zeros": 0})
+    assert (net.tokenization.top_k, net.tokenization.n_zeros) == (20, 0) and longest(net) == 21
+    net = api.prepare_model("cell-type", cells, model=path, encoder="transformer", label_key="cell_type")
+    assert net.tokenization.same_encoding(TokenizationSpec()) and longest(net) > 1 + 20 + 3
+    # the fine-tuned model keeps the spec it was trained with
+    api.save_model(net, tmp_path / "tuned")
+    assert api.load_model(tmp_path / "tuned").tokenization.same_encoding(net.tokenization)
 
 
 def _args(tmp_path, path, **kw):
     base = dict(data=path, output_dir=str(tmp_path / "out"), encoder="transformer", split_key="batch",
-                test_values="s1d2", plots=False, mll_samples=10, top_k=128, n_zeros=16, n_top_genes=500, seed=0,
+                test_values="s1d2", plots=False, mll_samples=10, tokenization='{"top_k": 128, "n_zeros": 16}',
+                n_top_genes=500, seed=0,
                 hidden_size=32, num_hidden_layers=2, num_attention_heads=2, lr=2e-3)
     base.update(kw)
     return FinetuneArgs(**base)
@@ -94,7 +102,7 @@ def test_cell_type_from_pretrained_checkpoint_beats_majority(tmp_path, checkpoin
     assert m["accuracy"] > m["majority_accuracy"] + 0.03
     assert m["macro_f1"] > m["majority_macro_f1"] + 0.02
     reloaded = api.load_model(tmp_path / "out" / "model")
-    assert reloaded.vocab is not None and reloaded.settings.encoder == "transformer"
+    assert reloaded.vocab is not None and reloaded.config.encoder == "transformer"
 
 
 def test_vae_and_adt_with_transformer_from_scratch(tmp_path, cite_path, cite):
@@ -102,7 +110,7 @@ def test_vae_and_adt_with_transformer_from_scratch(tmp_path, cite_path, cite):
                      likelihood="zinb"))
     assert np.isfinite(vae["marginal_log_likelihood"])
     model = api.load_model(tmp_path / "vae" / "out" / "model")
-    assert vae["marginal_log_likelihood"] > _poisson_null(cite[0], cite[1], model.settings.decoder_genes)
+    assert vae["marginal_log_likelihood"] > _poisson_null(cite[0], cite[1], model.config.gene_panel)
     adt = main(_args(tmp_path / "adt", cite_path, task="adt", protein_obsm_key="protein_counts", epochs=15, lr=5e-3))
     assert adt["rmse"] < adt["mean_protein_rmse"] - 0.03
     assert adt["pearson_per_protein"] > 0.15  # the mean-per-protein baseline scores 0

@@ -5,6 +5,8 @@ Also holds the tiny-model helpers the other ``test_model_*`` files import.
 
 from __future__ import annotations
 
+import inspect
+
 import importlib.util
 import logging
 
@@ -118,16 +120,19 @@ def test_defaults_for_optional_inputs():
     assert not torch.allclose(out, encode(model, batch))  # values and the zero marker do reach the model
 
 
-def test_explicit_group_ids_match_buffer_lookup():
+def test_hierarchy_groups_come_from_the_vocabulary_buffer():
+    """The groups of each token are looked up from the model's gene_group_ids buffer (the one copy of them, filled
+    from the vocabulary): changing the buffer changes the output, and only through the tokens it regroups."""
     batch = collate(make_cells([10, 7]))
     model = tiny_model(ExpressModel)
-    group_ids = model.embeddings.gene_group_ids[batch["input_ids"]]  # (B, T, 2)
-    torch.testing.assert_close(encode(model, batch), encode(model, batch, group_ids=group_ids))
-    changed = group_ids.clone()
-    changed[..., 0] = torch.where(changed[..., 0] > 0, 6 - changed[..., 0], 0)
-    assert not torch.allclose(encode(model, batch), encode(model, batch, group_ids=changed))
-    with pytest.raises(ValueError, match="group_ids must have shape"):
-        model(**batch, group_ids=group_ids[..., :1])
+    before = encode(model, batch)
+    buffer = model.embeddings.gene_group_ids
+    regrouped = buffer.clone()
+    regrouped[:, 0] = torch.where(regrouped[:, 0] > 0, 6 - regrouped[:, 0], 0)
+    with torch.no_grad():
+        buffer.copy_(regrouped)
+    assert not torch.allclose(before, encode(model, batch))
+    assert "group_ids" not in inspect.signature(ExpressModel.forward).parameters
 
 
 def test_too_many_tokens_is_a_clear_error():

@@ -18,16 +18,15 @@ import torch
 
 from pretrain.data import (
     IGNORE_INDEX,
+    CellDataset,
     DatasetFormatError,
-    EncodingParams,
     ExpressCollator,
     LengthGroupedBatchSampler,
     VocabularyMismatchError,
     load_corpus,
-    open_tokenized_dataset,
-    split_held_out,
+    split_cells,
 )
-from tokenizer import GeneVocab, encode_count_rows, mix_seeds, rank_encode
+from tokenizer import GeneVocab, TokenizationSpec, TokenizedCells, encode_count_rows, mix_seeds, rank_encode
 
 CELL_TYPES = ("T", "B", "NK", "Mono")
 
@@ -107,9 +106,9 @@ def make_tokenized_dataset(path: Path, *, n_cells: int = 48, vocab: GeneVocab | 
     ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     ds.save_to_disk(str(path))
     vocab.save(path)
+    spec = TokenizationSpec(top_k=top_k, n_zeros=n_zeros, seed=seed, measured_genes={source: candidates})
     manifest = {
-        "mode": "express",
-        "params": {"top_k": top_k, "n_zeros": n_zeros, "seed": seed, "target_sum": 10_000.0},
+        "tokenization": spec.to_dict(),
         "inputs": ["synthetic"],
         "counts": {"n_cells": n_cells},
         "vocab_fingerprint": vocab.fingerprint(),
@@ -141,17 +140,27 @@ def test_load_corpus_splits_each_dataset_deterministically(two_datasets):
     other = load_corpus([a, b], eval_fraction=0.1, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(corpus.eval.rows, again.eval.rows))
     assert not all(np.array_equal(x, y) for x, y in zip(corpus.eval.rows, other.eval.rows))
-    assert [e.top_k for e in corpus.encodings] == [12, 8] and [e.n_zeros for e in corpus.encodings] == [4, 6]
+    assert [s.top_k for s in corpus.specs] == [12, 8] and [s.n_zeros for s in corpus.specs] == [4, 6]
+    assert corpus.shared_spec() is None  # encoded differently: a model cannot tokenize new cells like both
 
 
-def test_split_held_out_bounds():
-    train, held = split_held_out(100, 0.05, 0)
+def test_split_cells_bounds_and_groups():
+    train, held = split_cells(100, 0.05, 0)
     assert len(held) == 5 and len(train) == 95
-    assert len(split_held_out(10, 0.01, 0)[1]) == 1  # at least one held-out cell when asked for some
-    assert len(split_held_out(100, 0.5, 0, max_cells=7)[1]) == 7
-    assert len(split_held_out(100, 0.0, 0)[1]) == 0
+    assert len(split_cells(10, 0.01, 0)[1]) == 1  # at least one held-out cell when asked for some
+    assert len(split_cells(100, 0.5, 0, max_cells=7)[1]) == 7
+    assert len(split_cells(100, 0.0, 0)[1]) == 0
     with pytest.raises(ValueError, match="fraction"):
-        split_held_out(10, 1.0, 0)
+        split_cells(10, 1.0, 0)
+    # by group: whole donors are held out until they hold at least the fraction, and never every donor
+    donors = np.repeat(["d0", "d1", "d2", "d3", "d4"], [30, 10, 20, 25, 15])
+    train, held = split_cells(100, 0.2, 3, groups=donors)
+    assert not set(donors[train]) & set(donors[held]) and len(held) >= 20
+    assert len(np.unique(donors[held])) < 5 and len(train) + len(held) == 100
+    again = split_cells(100, 0.2, 3, groups=donors)
+    assert np.array_equal(again[1], held)
+    _, everything = split_cells(100, 0.99, 3, groups=donors)
+    assert len(np.unique(donors[everything])) == 4  # one donor always stays for training
 
 
 def test_mismatched_vocabularies_are_refused(tmp_path):
@@ -165,20 +174,20 @@ def test_missing_vocabulary_or_manifest_is_a_clear_error(tmp_path):
     a = make_tokenized_dataset(tmp_path / "a")
     (a / "vocab.json").unlink()
     with pytest.raises(VocabularyMismatchError, match="has no vocabulary.*vocab.json"):
-        open_tokenized_dataset(a)
+        TokenizedCells.load(a)
     b = make_tokenized_dataset(tmp_path / "b")
     (b / "manifest.json").unlink()
     with pytest.raises(DatasetFormatError, match="no manifest.json"):
-        open_tokenized_dataset(b)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        open_tokenized_dataset(tmp_path / "nowhere")
+        TokenizedCells.load(b)
+    with pytest.raises(DatasetFormatError, match="does not exist"):
+        TokenizedCells.load(tmp_path / "nowhere")
 
 
 def test_manifest_fingerprint_must_match_vocabulary_files(tmp_path):
     a = make_tokenized_dataset(tmp_path / "a")
     make_vocab(40, seed=0, prefix="X").save(a)  # vocabulary swapped after tokenization
     with pytest.raises(VocabularyMismatchError, match="modified after tokenization"):
-        open_tokenized_dataset(a)
+        TokenizedCells.load(a)
 
 
 def test_mcv_needs_kept_counts(tmp_path):
@@ -189,7 +198,7 @@ def test_mcv_needs_kept_counts(tmp_path):
 
 def test_cell_dataset_rows_match_the_arrow_rows(two_datasets):
     a, b, _ = two_datasets
-    corpus = load_corpus([a, b], eval_fraction=0.1, seed=0, columns=["label"])
+    corpus = load_corpus([a, b], eval_fraction=0.1, seed=0)
     hf_b = datasets.load_from_disk(str(b))
     index = corpus.train.part_sizes[0] + 5  # sixth training cell of b
     part, row = corpus.train.locate(index)
@@ -204,6 +213,12 @@ def test_cell_dataset_rows_match_the_arrow_rows(two_datasets):
     assert corpus.train.lengths[index] == reference["length"]
     with pytest.raises(IndexError):
         corpus.train[len(corpus.train)]
+    assert corpus.train.column("label").tolist() == [hf_a_or_b["label"] for hf_a_or_b in
+                                                     (corpus.train[i] for i in range(len(corpus.train)))]
+    only = CellDataset([hf_b], columns=["label", "length"])  # a plain datasets.Dataset part, two columns
+    assert sorted(only[3]) == ["dataset_index", "label", "length", "row"] and only[3]["label"] == hf_b[3]["label"]
+    with pytest.raises(DatasetFormatError, match="missing"):
+        CellDataset([hf_b], columns=["nope"])
 
 
 # --- batching ----------------------------------------------------------------------------------------------------
@@ -335,7 +350,7 @@ def test_mlm_masking_rates_and_rules(tmp_path):
 def test_masking_depends_only_on_the_sample_seed(two_datasets):
     a, _, vocab = two_datasets
     corpus = load_corpus([a], eval_fraction=0.0)
-    collator = ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=corpus.encodings)
+    collator = ExpressCollator(vocab, mcv_input_fraction=0.5, specs=corpus.specs)
     rows = _rows(corpus, 6)
     whole = collator(rows)
     alone = collator(rows[3:4])  # same cell visit in another batch
@@ -365,11 +380,11 @@ def test_mcv_split_and_retokenization(two_datasets):
     corpus = load_corpus([a], eval_fraction=0.0)
     rows = _rows(corpus, 20)
     collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.4, pad_to_multiple_of=None,
-                               encodings=corpus.encodings)
+                               specs=corpus.specs)
     batch = collator(rows)
     held = batch["mcv_counts"]
     assert held.shape == (20, vocab.vocab_size) and held.dtype == torch.float32
-    enc = corpus.encodings[0]
+    enc = corpus.specs[0]
     for i, row in enumerate(rows):
         x = np.zeros(vocab.vocab_size)
         x[row["counts_ids"]] = row["counts"]
@@ -400,7 +415,7 @@ def test_mcv_split_is_binomial(two_datasets):
     a, _, vocab = two_datasets
     corpus = load_corpus([a], eval_fraction=0.0)
     row = corpus.train[0]
-    collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.3, encodings=corpus.encodings)
+    collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.3, specs=corpus.specs)
     draws = torch.stack([collator([dict(row, sample_seed=s)])["mcv_counts"][0] for s in range(400)])
     x = torch.zeros(vocab.vocab_size)
     x[torch.tensor(row["counts_ids"], dtype=torch.long)] = torch.tensor(row["counts"], dtype=torch.float32)
@@ -430,7 +445,7 @@ def test_count_targets_are_the_raw_counts_of_masked_detected_genes(two_datasets)
     np.testing.assert_allclose(batch["library_size"].numpy(), [r["total_counts"] for r in rows], rtol=1e-6)
     # under MCV the targets are counts of the input x' and the library size is that of x'
     mcv = ExpressCollator(vocab, mlm_probability=0.3, count_targets=True, mcv_input_fraction=0.5,
-                          encodings=corpus.encodings)(rows)
+                          specs=corpus.specs)(rows)
     totals = np.array([r["total_counts"] for r in rows])
     kept_in_vocab = np.array([r["counts"].sum() for r in rows]) - mcv["mcv_library_size"].numpy()
     assert (mcv["library_size"].numpy() >= kept_in_vocab).all()
@@ -439,12 +454,19 @@ def test_count_targets_are_the_raw_counts_of_masked_detected_genes(two_datasets)
     assert scored.any() and (mcv["count_targets"][scored] >= 1).all()
 
 
-def test_label_columns_pass_through(two_datasets):
+def test_pass_columns_and_the_gene_panel(two_datasets):
     a, _, vocab = two_datasets
-    corpus = load_corpus([a], eval_fraction=0.0, columns=["label"])
+    corpus = load_corpus([a], eval_fraction=0.0)
     rows = _rows(corpus, 4)
-    batch = ExpressCollator(vocab, mlm_probability=0.0, label_columns=["label"])(rows)
+    batch = ExpressCollator(vocab, mlm_probability=0.0, pass_columns=["label", "total_counts"])(rows)
     assert batch["label"].tolist() == [r["label"] for r in rows]
+    assert batch["total_counts"].tolist() == [r["total_counts"] for r in rows]
+    # rows without tokens (the MLP encoder): the sparse panel columns become dense counts
+    panel_rows = [{"panel_ids": np.array([0, 3]), "panel_counts": np.array([2, 5]), "labels": 1},
+                  {"panel_ids": np.array([1]), "panel_counts": np.array([7]), "labels": 0}]
+    dense = ExpressCollator(mlm_probability=0.0, panel_size=4, pass_columns=["labels"])(panel_rows)
+    assert dense["gene_counts"].tolist() == [[2, 0, 0, 5], [0, 7, 0, 0]] and dense["labels"].tolist() == [1, 0]
+    assert set(dense) == {"gene_counts", "labels"}
 
 
 def test_collator_rejects_bad_settings(two_datasets):
@@ -453,16 +475,15 @@ def test_collator_rejects_bad_settings(two_datasets):
         ExpressCollator(vocab, mlm_probability=1.5)
     with pytest.raises(ValueError, match="mcv_input_fraction"):
         ExpressCollator(vocab, mcv_input_fraction=1.0)
-    with pytest.raises(ValueError, match="encodings="):
+    with pytest.raises(ValueError, match="specs="):
         ExpressCollator(vocab, mcv_input_fraction=0.5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        ExpressCollator(mlm_probability=0.15)
+    row = {"input_ids": np.array([2, 5]), "values": np.ones(2), "is_zero": np.zeros(2), "total_counts": 3.0}
     with pytest.raises(DatasetFormatError, match="keep_counts"):
-        row = {"input_ids": np.array([2, 5]), "values": np.ones(2), "is_zero": np.zeros(2), "total_counts": 3.0}
-        ExpressCollator(vocab, mcv_input_fraction=0.5, encodings=[EncodingParams()])([row])
-
-
-def test_encoding_params_from_manifest():
-    enc = EncodingParams.from_manifest({"params": {"top_k": 7, "n_zeros": 3, "target_sum": 1e4, "eos": True}})
-    assert (enc.top_k, enc.n_zeros, enc.add_cls, enc.add_eos) == (7, 3, True, True)
+        ExpressCollator(vocab, mcv_input_fraction=0.5, specs=[TokenizationSpec()])([row])
+    with pytest.raises(DatasetFormatError, match="keep_counts"):
+        ExpressCollator(vocab, mlm_probability=0.5, count_targets=True)([row])
 
 
 def test_mcv_samples_zeros_among_the_genes_the_source_file_measures(tmp_path):
@@ -471,9 +492,9 @@ def test_mcv_samples_zeros_among_the_genes_the_source_file_measures(tmp_path):
     path = make_tokenized_dataset(tmp_path / "half", n_cells=200, vocab=vocab, measured=measured, source="half",
                                   n_zeros=10)
     corpus = load_corpus([path], eval_fraction=0.0, require_counts=True)
-    found = corpus.encodings[0].zero_candidates_by_source["half"]
-    assert set(found) <= set(vocab.n_special + measured) and len(found) >= len(measured) - 1
+    # the manifest's spec says exactly which genes the file measures (the tokenizer wrote them)
+    assert corpus.specs[0].zero_candidates("half").tolist() == (vocab.n_special + measured).tolist()
     batch = ExpressCollator(vocab, mcv_input_fraction=0.5, mlm_probability=0.0,
-                            encodings=corpus.encodings)(_rows(corpus, 50))
+                            specs=corpus.specs)(_rows(corpus, 50))
     zeros = batch["input_ids"][batch["is_zero"] == 1]
     assert len(zeros) > 100 and set(zeros.tolist()) <= set((vocab.n_special + measured).tolist())

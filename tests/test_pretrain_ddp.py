@@ -20,7 +20,7 @@ from test_pretrain_data import make_tokenized_dataset, make_vocab
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--max_steps", "6", "--per_device_batch_size", "4", "--dropout", "0", "--objectives", "mlm,mcv",
         "--hidden_size", "32", "--num_hidden_layers", "2", "--intermediate_size", "64", "--eval_steps", "3",
-        "--save_steps", "3", "--logging_steps", "1", "--report_to", "none", "--no-progress_bar",
+        "--save_steps", "3", "--logging_steps", "1", "--report_to", "none", "--no_progress_bar",
         "--write_rank_report", "--eval_fraction", "0.1"]
 
 
@@ -55,11 +55,10 @@ def test_two_processes_train_one_model_on_different_cells(tmp_path):
 
     # one process with the same global batch: 4 cells x 2 accumulated micro-batches per step
     torch.set_num_threads(1)
-    single_args = [a for a in ARGS if a != "--no-progress_bar"]
-    from pretrain.training import parse_args
+    from pretrain.args import parse_args
 
-    args = parse_args(PretrainArgs, [*dataset_args, "--output_dir", str(tmp_path / "single"), *single_args,
-                                     "--gradient_accumulation_steps", "2", "--no-progress_bar"])
+    args = parse_args(PretrainArgs, [*dataset_args, "--output_dir", str(tmp_path / "single"), *ARGS,
+                                     "--gradient_accumulation_steps", "2"])
     main(args)
     single = json.loads((tmp_path / "single" / "rank_reports" / "rank0.json").read_text())
     # the same micro-batches: rank r's k-th batch is the single process's micro-batch 2k + r

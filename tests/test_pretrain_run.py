@@ -11,9 +11,10 @@ import pytest
 import safetensors.torch
 import torch
 
+from pretrain.args import parse_args
+from pretrain.checkpoints import CheckpointError, verify_checkpoint
 from pretrain.data import VocabularyMismatchError
 from pretrain.run import NonFiniteLossError, PretrainArgs, main
-from pretrain.training import CheckpointError, parse_args, verify_checkpoint
 from test_pretrain_data import make_tokenized_dataset, make_vocab
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, per_device_batch_size=8,
@@ -213,25 +214,52 @@ def test_default_data_run_uses_the_tokenizers_encoding_for_mcv(tmp_path):
     assert manifest["params"]["keep_counts"] and manifest["params"]["total_counts_key"] == "n_counts"
     corpus = load_corpus([tokens], eval_fraction=0.0, require_counts=True)
     assert len(corpus.train) == 700
-    enc, vocab = corpus.encodings[0], corpus.vocab
+    spec, vocab = corpus.specs[0], corpus.vocab
     for i in range(0, 700, 35):
         row = corpus.train[i]
         again = encode_count_rows([row["counts_ids"]], [row["counts"]], np.array([row["total_counts"]]),
-                                  vocab.token_medians, top_k=enc.top_k, cls_id=vocab.cls_id,
-                                  target_sum=enc.target_sum)
+                                  vocab.token_medians, top_k=spec.top_k, cls_id=vocab.cls_id,
+                                  target_sum=spec.target_sum)
         detected = row["is_zero"] == 0
         assert row["input_ids"][detected].tolist() == again.input_ids.tolist()
         np.testing.assert_array_equal(row["values"][detected], again.values)
-        assert set(row["input_ids"][~detected].tolist()) <= set(enc.candidates_for(row["source"]).tolist())
-    # how the corpus was tokenized travels with the model, for fine-tuning to tokenize new cells alike
-    assert json.loads((out / "final" / "tokenization.json").read_text()) == {"top_k": 256, "n_zeros": 50}
+        assert set(row["input_ids"][~detected].tolist()) <= set(spec.zero_candidates(row["source"]).tolist())
+    # how the corpus was tokenized travels with the model, for fine-tuning to tokenize new cells alike: the same
+    # JSON as the dataset's manifest holds
+    from tokenizer import TokenizationSpec
+
+    saved = json.loads((out / "final" / "tokenization.json").read_text())
+    assert saved == manifest["tokenization"] and TokenizationSpec.load(out / "final").top_k == 256
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 
-    from pretrain.run import make_accelerator
+    from pretrain.pretraining import make_accelerator
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'express\[wandb\]'"):
-        make_accelerator(PretrainArgs(report_to="wandb"), tmp_path)
+        make_accelerator(cpu=True, mixed_precision="no", gradient_accumulation_steps=1, report_to="wandb",
+                         output_dir=tmp_path)
+
+
+def test_console_scripts_and_the_script_form_exit_like_the_tokenizer(tmp_path):
+    """`express-pretrain` and `python pretrain/run.py` (what `accelerate launch pretrain/run.py` runs): --help exits 0,
+    bad flags 2 with one line, from any working directory (the project is installed, nothing edits sys.path)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = REPO_ROOT / "pretrain" / "run.py"
+    for command in ([str(Path(sys.executable).with_name("express-pretrain"))], [sys.executable, str(script)]):
+        done = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "--objectives" in done.stdout, done.stderr[-2000:]
+        done = subprocess.run([*command, "--objectives", "mlm,telepathy"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("express-pretrain: error:")
+        assert "Traceback" not in done.stderr
+    finetune = Path(sys.executable).with_name("express-finetune")
+    done = subprocess.run([str(finetune), "--task", "cell-type", "--data", "x.h5ad", "--output_dir", "o"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--label_key" in done.stderr and "Traceback" not in done.stderr

@@ -1,5 +1,5 @@
-"""Shared training pieces: dataclass -> CLI with config files, schedules, optimizer groups, random states and
-atomic, verified checkpoints."""
+"""Shared training pieces: dataclass -> CLI with config files (HfArgumentParser), schedules, optimizer groups,
+random states and atomic, verified checkpoints."""
 
 from __future__ import annotations
 
@@ -14,30 +14,28 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.training import (
+from accelerate.utils import set_seed
+
+from pretrain.args import parse_args
+from pretrain.checkpoints import (
     COMPLETE_MARKER,
     CheckpointError,
-    atomic_directory,
-    build_optimizer,
-    build_scheduler,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
-    lr_multiplier,
-    parse_args,
-    rng_state,
     rotate_checkpoints,
     save_checkpoint,
-    seed_everything,
-    set_rng_state,
 )
+from pretrain.loop import build_optimizer, build_scheduler, rng_state, set_rng_state
+from tokenizer.errors import InputError
+from tokenizer.output import staged_dir
 
 
 @dataclass
 class ToyArgs:
     """Toy arguments."""
 
-    dataset: list[str] = field(default_factory=list, metadata={"help": "dataset folders"})
+    dataset: list[str] = field(default_factory=list, metadata={"help": "dataset folders", "action": "extend"})
     output_dir: str = field(default="out", metadata={"help": "where to write"})
     max_steps: int = 10
     learning_rate: float = 1e-3
@@ -49,12 +47,12 @@ class ToyArgs:
 
 def test_cli_flags_aliases_lists_and_booleans():
     args = parse_args(ToyArgs, ["--dataset", "a", "--dataset", "b", "c", "--max-steps", "7", "--resume",
-                                "--eval_steps", "none", "--weights", "1", "2.5"])
+                                "--weights", "1", "2.5"])
     assert args.dataset == ["a", "b", "c"] and args.max_steps == 7 and args.resume is True
     assert args.eval_steps is None and args.weights == [1.0, 2.5] and args.schedule == "cosine"
     defaults = parse_args(ToyArgs, [])
     assert defaults == ToyArgs()
-    assert parse_args(ToyArgs, ["--no-resume", "--eval-steps", "3"]).eval_steps == 3
+    assert parse_args(ToyArgs, ["--resume", "false", "--eval-steps", "3"]) == ToyArgs(eval_steps=3)
     with pytest.raises(SystemExit):
         parse_args(ToyArgs, ["--schedule", "exponential"])
 
@@ -73,29 +71,46 @@ def test_config_files_json_and_yaml_with_cli_precedence(tmp_path):
     bad.write_text(json.dumps({"max_stepz": 3}))
     with pytest.raises(SystemExit):
         parse_args(ToyArgs, ["--config", str(bad)])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         parse_args(ToyArgs, ["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_learning_rate_schedules():
-    kw = dict(warmup_steps=10, total_steps=110)
-    assert lr_multiplier(0, **kw) == pytest.approx(1 / 11)
-    assert lr_multiplier(9, **kw) == pytest.approx(10 / 11)
-    assert lr_multiplier(10, **kw) == pytest.approx(1.0)
-    assert lr_multiplier(60, **kw) == pytest.approx(0.5)  # cosine half way
-    assert lr_multiplier(110, **kw) == pytest.approx(0.0, abs=1e-12)
-    assert lr_multiplier(500, **kw, min_lr_ratio=0.1) == pytest.approx(0.1)
-    assert lr_multiplier(35, **kw, kind="linear") == pytest.approx(0.75)
-    assert lr_multiplier(35, **kw, kind="constant") == 1.0
-    model = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer(model, lr=0.1)
-    scheduler = build_scheduler(optimizer, total_steps=110, warmup_steps=10)
-    for _ in range(60):
+def _lr_curve(steps: int, **kwargs) -> list[float]:
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), lr=1.0)
+    scheduler = build_scheduler(optimizer, **kwargs)
+    curve = []
+    for _ in range(steps):
+        curve.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    return curve
+
+
+def test_learning_rate_schedules():
+    cosine = _lr_curve(111, warmup_steps=10, total_steps=110)
+    assert cosine[0] == 0.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(1.0)
+    assert cosine[60] == pytest.approx(0.5)  # cosine half way through the decay
+    assert cosine[110] == pytest.approx(0.0, abs=1e-12)
+    floor = _lr_curve(111, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert floor[110] == pytest.approx(0.1) and floor[60] == pytest.approx(0.55)
+    assert _lr_curve(36, warmup_steps=10, total_steps=110, kind="linear")[35] == pytest.approx(0.75)
+    assert _lr_curve(36, warmup_steps=10, total_steps=110, kind="constant")[35] == 1.0
     with pytest.raises(ValueError, match="unknown schedule"):
-        build_scheduler(optimizer, total_steps=10, kind="step")
+        build_scheduler(build_optimizer(torch.nn.Linear(2, 2), lr=0.1), total_steps=10, kind="step")
+
+
+def test_optimizer_groups_and_encoder_learning_rate():
+    from modeling import ExpressConfig, ExpressForCellClassification
+
+    config = ExpressConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, num_labels=3)
+    model = ExpressForCellClassification(config)
+    optimizer = build_optimizer(model, lr=1e-2, encoder_lr=1e-3)
+    encoder = {id(p) for p in model.express.parameters()}
+    for group in optimizer.param_groups:
+        inside = {id(p) in encoder for p in group["params"]}
+        assert len(inside) == 1 and group["lr"] == (1e-3 if inside.pop() else 1e-2)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
 
 
 def test_optimizer_decays_matrices_only():
@@ -109,7 +124,7 @@ def test_optimizer_decays_matrices_only():
 
 
 def test_random_states_round_trip():
-    seed_everything(3)
+    set_seed(3)
     state = rng_state()
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     random.random(), np.random.rand(), torch.rand(3)
@@ -137,7 +152,7 @@ def _train(model, optimizer, scheduler, steps):
 def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     model, optimizer, scheduler = _toy()
     _train(model, optimizer, scheduler, 3)
-    seed_everything(11)
+    set_seed(11)
     path = save_checkpoint(checkpoint_path(tmp_path, 3), model=model, optimizer=optimizer, scheduler=scheduler,
                            trainer_state={"step": 3}, rng_states=[rng_state()])
     assert (path / COMPLETE_MARKER).is_file() and latest_checkpoint(tmp_path) == path
@@ -179,10 +194,11 @@ def test_corrupt_checkpoint_is_refused_before_anything_is_loaded(tmp_path):
 
 def test_failed_write_leaves_the_previous_folder(tmp_path):
     target = tmp_path / "final"
-    with atomic_directory(target) as tmp:
+    with staged_dir(target) as tmp:
         (tmp / "a.txt").write_text("first")
+        (tmp / "metrics.json").write_text("{}")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with staged_dir(target, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("second")
             raise RuntimeError("disk full")
     assert (target / "a.txt").read_text() == "first"
@@ -196,7 +212,7 @@ def test_process_killed_mid_checkpoint_never_looks_complete(tmp_path):
     # a child process dies (os._exit: no cleanup, like SIGKILL) while writing checkpoint-4
     code = (
         "import os, sys, torch\n"
-        "from pretrain.training import save_checkpoint\n"
+        "from pretrain.checkpoints import save_checkpoint\n"
         "model = torch.nn.Linear(2, 2)\n"
         "def die(tmp):\n"
         "    os._exit(9)\n"
@@ -204,12 +220,12 @@ def test_process_killed_mid_checkpoint_never_looks_complete(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 9, result.stderr
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-4.tmp-")]
     assert len(leftovers) == 1 and (tmp_path / leftovers[0] / "model.safetensors").is_file()
     assert not (tmp_path / "checkpoint-4").exists()
     assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 2)
     rotate_checkpoints(tmp_path, keep_last=2)  # the next save clears the leftover
-    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):

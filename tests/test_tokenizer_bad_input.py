@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tokenizer import GeneVocab, fit_statistics, tokenize_files
+from tokenizer import GeneVocab, TokenizationSpec, fit_statistics, tokenize_files
 from tokenizer.errors import CorruptFileError, InputError, InvalidCountsError, OutputExistsError
 from tokenizer.synthetic import synthetic_adata
 
@@ -168,5 +168,5 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, good):
     tokenize_files([path], stats, out, progress=False)
     with pytest.raises(OutputExistsError):
         tokenize_files([path], stats, out, progress=False)
-    tokenize_files([path], stats, out, overwrite=True, top_k=5, progress=False)
+    tokenize_files([path], stats, out, overwrite=True, spec=TokenizationSpec(top_k=5), progress=False)
     assert max(datasets.load_from_disk(str(out))["length"]) <= 1 + 5 + 50

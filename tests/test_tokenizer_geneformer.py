@@ -80,8 +80,9 @@ def test_geneformer_input_ids_equal_the_reference(tmp_path, name, dicts, size, i
     if size == 2048:
         assert max(ds["length"]) == 2048  # deep cells are truncated
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["mode"] == "geneformer" and manifest["params"]["model_input_size"] == size
-    assert "is_zero" not in ds.column_names and "group_ids" not in ds.column_names
+    assert manifest["tokenization"]["mode"] == "geneformer" and manifest["params"]["model_input_size"] == size
+    assert manifest["tokenization"]["n_zeros"] == 0 and manifest["tokenization"]["add_eos"] == (size == 4096)
+    assert "is_zero" not in ds.column_names
 
 
 def test_geneformer_dictionaries_and_settings(tmp_path):
@@ -96,5 +97,5 @@ def test_geneformer_dictionaries_and_settings(tmp_path):
         tokenize_adata(adata, geneformer_dicts=v1.directory, model_input_size=4096, gene_id_key="ensembl_id")
     with pytest.raises(InputError, match="2048 \\(Geneformer V1\\) or 4096"):
         tokenize_adata(adata, geneformer_dicts=v2.directory, model_input_size=1024, gene_id_key="ensembl_id")
-    ds = tokenize_adata(adata, geneformer_dicts=v2.directory, gene_id_key="ensembl_id")  # V2 by default with gc95M
+    ds = tokenize_adata(adata, geneformer_dicts=v2.directory, gene_id_key="ensembl_id").dataset  # V2 by default
     assert all(ids[0] == 2 and ids[-1] == 3 for ids in ds["input_ids"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tokenizer import GeneVocab, mix_seeds, rank_encode
+from tokenizer import GeneVocab, TokenizationSpec, TokenizedCells, mix_seeds, rank_encode
 from tokenizer.errors import InputError, OutputExistsError
 from tokenizer.io import cell_keys, file_key
 from tokenizer.stats import fit_statistics
@@ -47,32 +47,40 @@ def _reference_cell(adata, row, vocab, top_k):
     return ids[order], v[order], ids, x, total
 
 
-def test_group_ids_widen_to_int32_for_large_hierarchies(tmp_path, files):
-    paths, _, stats = files
+def test_manifest_records_the_spec_and_the_genes_each_input_measures(tmp_path, files):
+    paths, adatas, stats = files
+    spec = TokenizationSpec(top_k=20, n_zeros=5, seed=4)
+    out = tokenize_files(paths, stats, tmp_path / "tokens", spec=spec, progress=False)
+    cells = TokenizedCells.load(out)
     vocab = GeneVocab.load(stats)
-    vocab.group_ids = vocab.group_ids.copy()
-    vocab.group_ids[:, 0] += 40_000  # more groups than int16 holds: the column is int32, the values unchanged
-    out = tokenize_files(paths[:1], vocab, tmp_path / "tokens", top_k=20, n_zeros=5, progress=False)
-    ds = datasets.load_from_disk(str(out))
-    assert ds.features["group_ids"].feature.feature.dtype == "int32"
-    ids = np.asarray(ds[0]["input_ids"])
-    groups = np.asarray(ds[0]["group_ids"])
-    np.testing.assert_array_equal(groups, vocab.token_group_ids[ids].T)
-    assert groups[0, 1:].min() > 40_000 and groups[1].max() < 40_000
+    assert cells.spec.same_encoding(spec) and cells.spec.top_k == 20 and cells.spec.seed == 4
+    measured = {name: np.unique(vocab.encode_gene_ids(list(a.var_names))) for name, a in zip("ab", adatas)}
+    assert sorted(cells.spec.measured_genes) == ["a", "b"]
+    for name in "ab":  # exactly the vocabulary genes of that file, from planning (no cell is read for it)
+        np.testing.assert_array_equal(cells.spec.measured_genes[name], measured[name][measured[name] >= 0])
+    # stored as [start, stop) runs: b lacks the first 30 genes, so its ids start later and form one run
+    runs = json.loads((out / "manifest.json").read_text())["tokenization"]["measured_genes"]["b"]
+    assert len(runs) == 1 and runs[0][0] > vocab.n_special
+    # the same JSON round-trips through a model folder's tokenization.json
+    cells.spec.save(tmp_path)
+    again = TokenizationSpec.load(tmp_path)
+    assert again.to_dict() == cells.spec.to_dict()
+    with pytest.raises(InputError, match="unknown field"):
+        TokenizationSpec.from_dict({"top_k": 3, "topk": 4})
 
 
 def test_dataset_contract_and_per_cell_reference(tmp_path, files):
     paths, adatas, stats = files
-    out = tokenize_files(paths, stats, tmp_path / "tokens", top_k=40, n_zeros=10, seed=3, obs_keys="cell_type,score",
-                         keep_counts=True, progress=False, chunk_size=64)
+    out = tokenize_files(paths, stats, tmp_path / "tokens", spec=TokenizationSpec(top_k=40, n_zeros=10, seed=3),
+                         obs_keys="cell_type,score", keep_counts=True, progress=False, chunk_size=64)
     ds = datasets.load_from_disk(str(out))
     vocab = GeneVocab.load(out)
     assert vocab.fingerprint() == GeneVocab.load(stats).fingerprint()
-    assert ds.column_names == ["input_ids", "values", "is_zero", "group_ids", "length", "total_counts", "cell_id",
-                               "source", "cell_type", "score", "counts_ids", "counts"]
+    assert ds.column_names == ["input_ids", "values", "is_zero", "length", "total_counts", "cell_id", "source",
+                               "cell_type", "score", "counts_ids", "counts"]
     feats = ds.features
     assert feats["input_ids"].feature.dtype == "int32" and feats["values"].feature.dtype == "float32"
-    assert feats["is_zero"].feature.dtype == "int8" and feats["group_ids"].feature.feature.dtype == "int16"
+    assert feats["is_zero"].feature.dtype == "int8"
     assert feats["length"].dtype == "int32" and feats["total_counts"].dtype == "float64"
     assert feats["cell_type"].dtype == "string" and feats["score"].dtype == "float64"
     # rows keep the input order, without the two empty cells
@@ -100,7 +108,6 @@ def test_dataset_contract_and_per_cell_reference(tmp_path, files):
         assert cell["is_zero"] == [0] * (1 + n) + [1] * 10
         assert all(value == 0 for value in cell["values"][1 + n:])
         assert cell["length"] == 1 + n + 10
-        np.testing.assert_array_equal(np.asarray(cell["group_ids"]), vocab.token_group_ids[ids].T)
         assert cell["total_counts"] == total
         order = np.argsort(all_ids)
         assert cell["counts_ids"] == all_ids[order].tolist() and cell["counts"] == all_x[order].astype(int).tolist()
@@ -124,9 +131,9 @@ def test_manifest_counts_and_vocab_files(tmp_path, files):
     paths, adatas, stats = files
     out = tokenize_files(paths, stats, tmp_path / "tokens", progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["mode"] == "express"
-    assert manifest["params"]["top_k"] == 256 and manifest["params"]["n_zeros"] == 50
-    assert manifest["params"]["seed"] == 0 and manifest["params"]["target_sum"] == 10_000
+    spec = manifest["tokenization"]
+    assert spec["mode"] == "express" and spec["add_cls"] and not spec["add_eos"]
+    assert spec["top_k"] == 256 and spec["n_zeros"] == 50 and spec["seed"] == 0 and spec["target_sum"] == 10_000
     counts = manifest["counts"]
     assert counts["cells_in"] == 500 and counts["cells_written"] == 498
     assert counts["cells_skipped"] == {"zero_counts": 2, "no_vocabulary_genes": 0}
@@ -147,13 +154,15 @@ def test_manifest_counts_and_vocab_files(tmp_path, files):
 
 def test_output_is_the_same_whatever_the_workers_and_chunks(tmp_path, files):
     paths, _, stats = files
-    kw = dict(top_k=30, n_zeros=8, seed=9, obs_keys=["donor"], keep_counts=True, progress=False)
-    one = tokenize_files(paths, stats, tmp_path / "one", chunk_size=2048, **kw)
-    two = tokenize_files(paths, stats, tmp_path / "two", num_workers=2, chunk_size=17, **kw)
+    spec = TokenizationSpec(top_k=30, n_zeros=8, seed=9)
+    kw = dict(obs_keys=["donor"], keep_counts=True, progress=False)
+    one = tokenize_files(paths, stats, tmp_path / "one", spec=spec, chunk_size=2048, **kw)
+    two = tokenize_files(paths, stats, tmp_path / "two", spec=spec, num_workers=2, chunk_size=17, **kw)
     a, b = datasets.load_from_disk(str(one)), datasets.load_from_disk(str(two))
     assert len(list(two.glob("data-*.arrow"))) > 2  # several shards, listed in order
     assert a.data.table.equals(b.data.table)
-    other = datasets.load_from_disk(str(tokenize_files(paths, stats, tmp_path / "seed", **{**kw, "seed": 10})))
+    other = datasets.load_from_disk(str(tokenize_files(paths, stats, tmp_path / "seed", spec=spec.replace(seed=10),
+                                                       **kw)))
     assert a["input_ids"] != other["input_ids"]  # the seed changes the sampled zeros
     assert [x[:5] for x in a["input_ids"]] == [x[:5] for x in other["input_ids"]]  # but not the ranked genes
 
@@ -161,16 +170,21 @@ def test_output_is_the_same_whatever_the_workers_and_chunks(tmp_path, files):
 def test_tokenize_adata_matches_the_file_output(tmp_path, files):
     paths, adatas, stats = files
     vocab = GeneVocab.load(stats)
-    kw = dict(top_k=25, n_zeros=5, seed=1, obs_keys=["cell_type"], keep_counts=True)
-    in_memory = tokenize_adata(adatas[1], vocab, source_name="b.h5ad", **kw)
-    on_disk = datasets.load_from_disk(str(tokenize_files(paths[1:], stats, tmp_path / "b", progress=False, **kw)))
+    kw = dict(spec=TokenizationSpec(top_k=25, n_zeros=5, seed=1), obs_keys=["cell_type"], keep_counts=True)
+    cells = tokenize_adata(adatas[1], vocab, source_name="b.h5ad", **kw)
+    on_disk = TokenizedCells.load(tokenize_files(paths[1:], stats, tmp_path / "b", progress=False, **kw))
+    in_memory = cells.dataset
     assert isinstance(in_memory, datasets.Dataset) and in_memory.num_rows == 198
-    for column in on_disk.column_names:
+    for column in on_disk.dataset.column_names:
         if column != "source":
-            assert in_memory[column] == on_disk[column], column
+            assert in_memory[column] == on_disk.dataset[column], column
+    # the same spec, with the measured genes of the one source (named as given)
+    assert cells.spec.encoding() == on_disk.spec.encoding()
+    np.testing.assert_array_equal(cells.spec.measured_genes["b.h5ad"], on_disk.spec.measured_genes["b"])
     dense = adatas[1].copy()
     dense.X = dense.X.toarray()
-    assert tokenize_adata(dense, vocab, source_name="b.h5ad", **kw)["input_ids"] == on_disk["input_ids"]
+    again = tokenize_adata(dense, vocab, source_name="b.h5ad", **kw)
+    assert again.dataset["input_ids"] == on_disk.dataset["input_ids"]
 
 
 def test_total_counts_key_and_gene_id_key(tmp_path, files):
@@ -179,13 +193,13 @@ def test_total_counts_key_and_gene_id_key(tmp_path, files):
     totals = np.asarray(a.X.sum(1)).ravel() * 3.0
     a.obs["n_counts"] = totals
     vocab = GeneVocab.load(stats)
-    ds = tokenize_adata(a, vocab, total_counts_key="n_counts", n_zeros=0, top_k=5)
+    ds = tokenize_adata(a, vocab, total_counts_key="n_counts", spec=TokenizationSpec(n_zeros=0, top_k=5)).dataset
     np.testing.assert_array_equal(ds["total_counts"], totals)
     ref_ids, ref_v, *_ = _reference_cell(a, 0, vocab, 5)
     np.testing.assert_allclose(ds[0]["values"][1:], ref_v / 3, rtol=1e-6)
     by_ensembl = fit_statistics([a], None, gene_id_key="ensembl_id", progress=False)
     assert by_ensembl.gene_ids[0].startswith("ENSG9")
-    ds = tokenize_adata(a, by_ensembl, gene_id_key="ensembl_id", n_zeros=0)
+    ds = tokenize_adata(a, by_ensembl, gene_id_key="ensembl_id", spec=TokenizationSpec(n_zeros=0)).dataset
     assert ds.num_rows == 300
     with pytest.raises(InputError, match="none of its 400 genes is in the vocabulary"):
         tokenize_adata(a, by_ensembl)  # symbols against an Ensembl vocabulary
@@ -232,5 +246,5 @@ def test_missing_obs_values_become_nulls(files):
     a = adatas[0][:20].copy()
     a.obs["cell_type"] = a.obs["cell_type"].cat.add_categories(["x"])
     a.obs.loc[a.obs_names[3], "cell_type"] = np.nan
-    ds = tokenize_adata(a, GeneVocab.load(stats), obs_keys=["cell_type"])
+    ds = tokenize_adata(a, GeneVocab.load(stats), obs_keys=["cell_type"]).dataset
     assert ds[3]["cell_type"] is None and ds[4]["cell_type"] == str(a.obs["cell_type"].iloc[4])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from modeling.modeling_vae import (
+from modeling.vae import (
     CountDecoder,
     GaussianMixturePrior,
     GaussianPosterior,

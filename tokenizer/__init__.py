@@ -2,27 +2,42 @@
 
 Python API::
 
-    from tokenizer import fit_statistics, tokenize_files, tokenize_adata, GeneVocab
+    from tokenizer import GeneVocab, TokenizationSpec, TokenizedCells, fit_statistics, tokenize_adata, tokenize_files
 
     vocab = fit_statistics(["a.h5ad", "b.h5ad"], "stats", num_workers=4)
-    tokenize_files(["a.h5ad", "b.h5ad"], "stats", "tokens", obs_keys=["cell_type"], keep_counts=True)
-    dataset = tokenize_adata(adata, GeneVocab.load("stats"))   # in memory, for fine-tuning
+    tokenize_files(["a.h5ad", "b.h5ad"], "stats", "tokens", obs_keys=["cell_type"], keep_counts=True,
+                   spec=TokenizationSpec(top_k=256, n_zeros=50))
+    cells = TokenizedCells.load("tokens")                    # dataset + vocabulary + spec
+    cells = tokenize_adata(adata, GeneVocab.load("stats"))   # the same, in memory
 
 Heavy modules are imported on first use, so ``import tokenizer`` stays light.
 """
 
 from .encode import RankTokens, encode_count_rows, mix_seeds, rank_encode
-from .errors import CorruptFileError, InputError, InvalidCountsError, OutputExistsError
+from .errors import (
+    CorruptFileError,
+    DatasetFormatError,
+    InputError,
+    InvalidCountsError,
+    OutputExistsError,
+    VocabularyMismatchError,
+)
+from .spec import TOKENIZATION_FILE, TokenizationSpec
 from .vocab import SPECIAL_TOKENS, GeneVocab
 
 __all__ = [
     "CorruptFileError",
+    "DatasetFormatError",
     "GeneVocab",
     "InputError",
     "InvalidCountsError",
     "OutputExistsError",
     "RankTokens",
     "SPECIAL_TOKENS",
+    "TOKENIZATION_FILE",
+    "TokenizationSpec",
+    "TokenizedCells",
+    "VocabularyMismatchError",
     "accumulate_statistics",
     "encode_count_rows",
     "fit_statistics",
@@ -41,6 +56,7 @@ _LAZY = {
     "tokenize_files": "tokenize",
     "tokenize_adata": "tokenize",
     "load_geneformer_dicts": "geneformer",
+    "TokenizedCells": "dataset",
 }
 
 

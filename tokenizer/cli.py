@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import InputError
+from .errors import InputError, run_cli
+from .spec import TokenizationSpec
 
 logger = logging.getLogger("tokenizer")
 
@@ -106,16 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("tokenize", "Tokenize h5ad files into a Hugging Face dataset folder.")
     p.add_argument("inputs", nargs="+", help="h5ad files of raw counts")
-    _flag(p, "stats", default=None, help="statistics folder from `fit` (or a tokenized dataset / checkpoint folder)")
+    _flag(p, "stats", default=None, help="statistics folder from `fit`, or a model folder (its vocabulary, and its "
+                                         "tokenization.json for the defaults of --top_k, --n_zeros, --seed)")
     _flag(p, "geneformer_dicts", default=None, metavar="DIR",
           help="Geneformer mode: folder with token_dictionary.json and gene_median_dictionary.json")
     _flag(p, "model_input_size", type=int, default=None,
           help="Geneformer mode: 2048 (V1, no special tokens) or 4096 (V2, <cls> ... <eos>)")
     _flag(p, "out", required=True, help="dataset folder to write")
     _flag(p, "obs_keys", default=None, help="obs columns to carry, comma-separated (e.g. cell_type,donor)")
-    _flag(p, "top_k", type=int, default=256, help="detected genes kept per cell (default 256)")
-    _flag(p, "n_zeros", type=int, default=50, help="zero-count genes sampled per cell (default 50)")
-    _flag(p, "seed", type=int, default=0, help="seed of the per-cell zero sampling (default 0)")
+    spec = TokenizationSpec()
+    _flag(p, "top_k", type=int, default=None, help=f"detected genes kept per cell (default {spec.top_k})")
+    _flag(p, "n_zeros", type=int, default=None, help=f"zero-count genes sampled per cell (default {spec.n_zeros})")
+    _flag(p, "seed", type=int, default=None, help=f"seed of the per-cell zero sampling (default {spec.seed})")
     _flag(p, "keep_counts", action="store_true", help="also store each cell's raw counts (counts_ids, counts)")
     _common_input_flags(p)
 
@@ -164,9 +167,22 @@ def run_tokenize(args) -> None:
 
     if args.stats is None and args.geneformer_dicts is None:
         raise InputError("tokenize needs --stats STATS_DIR (from `express-tokenize fit`) or --geneformer_dicts DIR")
+    given = {k: getattr(args, k) for k in ("top_k", "n_zeros", "seed") if getattr(args, k) is not None}
+    if given and args.geneformer_dicts is not None:
+        raise InputError(f"Geneformer mode takes its encoding from --model_input_size; drop --{', --'.join(given)}")
+    spec = None
+    if args.geneformer_dicts is None:
+        # a model folder's own tokenization (tokenization.json) is the default, so new cells encode as its corpus did
+        from pathlib import Path
+
+        from .spec import TOKENIZATION_FILE
+
+        own = Path(args.stats) / TOKENIZATION_FILE
+        base = TokenizationSpec.load(args.stats).replace(measured_genes={}) if own.is_file() else TokenizationSpec()
+        spec = base.replace(**given)
     out = tokenize_files(
-        args.inputs, args.stats, args.out, top_k=args.top_k, n_zeros=args.n_zeros, seed=args.seed,
-        obs_keys=args.obs_keys, keep_counts=args.keep_counts, geneformer_dicts=args.geneformer_dicts,
+        args.inputs, args.stats, args.out, spec=spec, obs_keys=args.obs_keys, keep_counts=args.keep_counts,
+        geneformer_dicts=args.geneformer_dicts,
         model_input_size=args.model_input_size, overwrite=args.overwrite, **_input_kwargs(args),
     )
     counts = json.loads((out / MANIFEST_FILE).read_text())["counts"]
@@ -198,7 +214,7 @@ def run_demo_data(args) -> None:
     from .output import staged_file
 
     adata = pbmc68k_counts()
-    with staged_file(args.out, args.overwrite) as tmp:
+    with staged_file(args.out, overwrite=args.overwrite) as tmp:
         adata.write_h5ad(tmp)
     print(f"demo-data: {adata.n_obs} cells x {adata.n_vars} genes -> {args.out} (library sizes in obs['n_counts'])")
 
@@ -228,21 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 for --help
         return int(exit_.code or 0)
     _setup_logging()
-    try:
-        COMMANDS[args.command](args)
-    except (InputError, FileNotFoundError, FileExistsError) as err:  # the user can fix these
-        print(f"express-tokenize {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"express-tokenize {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # anything else is a bug: say so, keep the traceback behind --debug
-        if args.debug:
-            raise
-        print(f"express-tokenize {args.command}: unexpected error: {type(err).__name__}: {err} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(f"express-tokenize {args.command}", lambda: COMMANDS[args.command](args), debug=args.debug)
 
 
 if __name__ == "__main__":

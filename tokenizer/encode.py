@@ -1,6 +1,6 @@
 """Rank-token encoding of a chunk of cells.
 
-This is the one implementation of the per-cell encoding (SPEC §1). Tokenization, Geneformer mode and the on-the-fly
+This is the one implementation of the per-cell encoding. Tokenization, Geneformer mode and the on-the-fly
 re-tokenization of binomially split counts in pretraining (MCV) all call :func:`rank_encode`.
 
 For each cell (a row of a CSR matrix whose column indices are vocabulary token ids, or are mapped to them through

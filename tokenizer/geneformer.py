@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptFileError, InputError
+from .spec import TokenizationSpec
 from .vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ def load_geneformer_dicts(directory: str | os.PathLike) -> GeneformerDicts:
     return GeneformerDicts(vocab, mapping, directory)
 
 
-def geneformer_settings(dicts: GeneformerDicts, model_input_size: int | None) -> tuple[int, int | None, int | None]:
-    """``(top_k, cls_id, eos_id)`` for a model input size: 2048 -> V1 (no special tokens), 4096 -> V2."""
+def geneformer_spec(dicts: GeneformerDicts, model_input_size: int | None) -> TokenizationSpec:
+    """Geneformer's encoding for a model input size: 2048 -> V1 (top 2,048 genes, no special tokens), 4096 -> V2
+    (``<cls>``, the top 4,094 genes, ``<eos>``); ``None`` picks V2 for dictionaries with special tokens."""
     if model_input_size is None:
         model_input_size = 4096 if dicts.has_special_tokens else 2048
     if model_input_size not in MODEL_INPUT_SIZES:
@@ -112,9 +114,8 @@ def geneformer_settings(dicts: GeneformerDicts, model_input_size: int | None) ->
         if not dicts.has_special_tokens:
             raise InputError(f"{dicts.directory}: model_input_size 4096 (Geneformer V2) needs <cls> and <eos> in the "
                              "token dictionary (use the gc95M dictionaries, or --model_input_size 2048)")
-        vocab = dicts.vocab
-        return model_input_size - 2, vocab.special_id("<cls>"), vocab.special_id("<eos>")
+        return TokenizationSpec(mode="geneformer", top_k=model_input_size - 2, n_zeros=0, add_cls=True, add_eos=True)
     if dicts.has_special_tokens:
         logger.warning("%s holds <cls>/<eos> (V2 dictionaries) but model_input_size 2048 is the V1 setting: "
                        "no special tokens are added", dicts.directory)
-    return model_input_size, None, None
+    return TokenizationSpec(mode="geneformer", top_k=model_input_size, n_zeros=0, add_cls=False, add_eos=False)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from .errors import CorruptFileError, InputError
 
@@ -51,100 +50,49 @@ def parse_n_groups(spec: str | Sequence[int] | None, n_genes: int) -> list[int]:
     return sizes
 
 
-def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_iter: int = 30, tol: float = 1e-2,
-           weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded k-means (k-means++ start, Lloyd iterations until fewer than ``tol`` of the points change cluster, at
-    most ``n_iter``). Returns ``(labels, centroids)``.
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, weights: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded k-means (scikit-learn's, k-means++ start, one initialisation); returns ``(labels, centroids)``.
 
-    Labels are renumbered by first appearance, so the result does not depend on the order clusters were found in.
+    ``k`` is capped at the number of points. Labels are renumbered by first appearance, so the result does not depend
+    on the order the clusters were found in.
     """
-    x = np.asarray(x, dtype=np.float32)  # distances in float32: half the memory traffic, ample precision
-    n = x.shape[0]
-    k = min(k, n)
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(x, dtype=np.float32)  # half the memory traffic of float64, ample precision for grouping genes
+    k = min(k, x.shape[0])
     if k <= 0:
-        return np.zeros(n, dtype=np.int64), np.zeros((0, x.shape[1]))
-    rng = np.random.default_rng(seed)
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    x_sq = (x**2).sum(1)
-    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
-    centroids[0] = x[rng.choice(n, p=w / w.sum())]
-    d2 = np.maximum(x_sq - 2.0 * x @ centroids[0] + centroids[0] @ centroids[0], 0.0)
-    for c in range(1, k):
-        p = d2 * w
-        total = p.sum()
-        idx = int(np.searchsorted(np.cumsum(p), rng.random() * total)) if total > 0 else int(rng.integers(n))
-        centroids[c] = x[min(idx, n - 1)]
-        d2 = np.minimum(d2, np.maximum(x_sq - 2.0 * x @ centroids[c] + centroids[c] @ centroids[c], 0.0))
-    labels = np.full(n, -1, dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float32)
-    for _ in range(n_iter):
-        # x_sq - 2 x.c + c_sq, in place (doubling is exact, so this equals evaluating the expression directly)
-        np.matmul(x, centroids.T, out=dist)
-        dist *= -2.0
-        dist += x_sq[:, None]
-        dist += (centroids**2).sum(1)[None, :]
-        new = dist.argmin(1)
-        changed = np.count_nonzero(new != labels)
-        labels = new
-        if changed <= tol * n:
-            break
-        assign = sp.csr_matrix((w, (labels, np.arange(n))), shape=(k, n))
-        sums = assign @ x
-        mass = np.bincount(labels, weights=w, minlength=k)
-        empty = mass == 0
-        centroids[~empty] = sums[~empty] / mass[~empty, None]
-        if empty.any():  # re-seed empty clusters with the points farthest from their centroid
-            far = np.argsort(-dist[np.arange(n), labels], kind="stable")[: int(empty.sum())]
-            centroids[empty] = x[far]
-    _, first = np.unique(labels, return_index=True)
-    order = np.argsort(first, kind="stable")
+        return np.zeros(x.shape[0], dtype=np.int64), np.zeros((0, x.shape[1]), dtype=np.float32)
+    fitted = KMeans(n_clusters=k, n_init=1, max_iter=30, random_state=seed).fit(x, sample_weight=weights)
+    labels = fitted.labels_.astype(np.int64)
+    used, first = np.unique(labels, return_index=True)
+    used = used[np.argsort(first, kind="stable")]
     relabel = np.empty(k, dtype=np.int64)
-    relabel[np.unique(labels)[order]] = np.arange(len(order))
-    used = np.unique(labels)[order]
-    return relabel[labels], centroids[used]
-
-
-def _principal_components(x: np.ndarray, n_components: int) -> np.ndarray:
-    """``x`` projected on its top principal components (k-means then costs a quarter as much on 128-d sketches)."""
-    if x.shape[1] <= n_components:
-        return x
-    centred = x - x.mean(0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues: the last columns are the top ones
-    return centred @ vectors[:, ::-1][:, :n_components]
+    relabel[used] = np.arange(len(used))
+    return relabel[labels], fitted.cluster_centers_[used]
 
 
 def derive_hierarchy(vectors: np.ndarray, n_groups: Sequence[int], *, seed: int = 0) -> np.ndarray:
     """``(n_genes, n_levels)`` int32 group ids (from 1) by nested k-means on ``vectors`` (one row per gene)."""
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
     n = vectors.shape[0]
     out = np.ones((n, len(n_groups)), dtype=np.int32)
     if n == 0 or not n_groups:
         return out
-    with _one_blas_thread():
-        return _nested_kmeans(vectors, n_groups, seed, out)
-
-
-def _one_blas_thread():
-    """BLAS on one thread: these products are small, and threaded OpenBLAS is many times slower on a busy machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it the default threading applies
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
-def _nested_kmeans(vectors: np.ndarray, n_groups: Sequence[int], seed: int, out: np.ndarray) -> np.ndarray:
-    n = vectors.shape[0]
-    points = _principal_components(vectors, 32)
-    weights = np.ones(n)
-    member = np.arange(n)  # which point each gene belongs to at the current level
-    for level, k in enumerate(n_groups):
-        labels, centroids = kmeans(points, k, seed=seed + level, weights=weights)
-        member = labels[member]
-        out[:, level] = member + 1
-        weights = np.bincount(labels, weights=weights, minlength=len(centroids))
-        points = centroids
+    # one thread: these problems are small, and threaded BLAS/OpenMP is many times slower on a busy machine
+    with threadpool_limits(1):
+        # the top 32 principal components: k-means then costs a quarter as much on 128-d sketches
+        points = vectors if min(vectors.shape) <= 32 else PCA(32, random_state=seed).fit_transform(vectors)
+        weights = np.ones(n)
+        member = np.arange(n)  # which point each gene belongs to at the current level
+        for level, k in enumerate(n_groups):
+            labels, centroids = kmeans(points, k, seed=seed + level, weights=weights)
+            member = labels[member]
+            out[:, level] = member + 1
+            weights = np.bincount(labels, weights=weights, minlength=len(centroids))
+            points = centroids
     return out
 
 

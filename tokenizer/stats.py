@@ -731,7 +731,7 @@ def _finalize_and_save(state: FitState, out_dir, overwrite: bool, finalize: Call
         return finalize()
     from concurrent.futures import ThreadPoolExecutor
 
-    with staged_dir(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
         with ThreadPoolExecutor(max_workers=1) as pool:
             written = pool.submit(state.save, tmp)
             try:

@@ -36,10 +36,11 @@ def describe_dataset(path: str | os.PathLike, *, max_categories: int = 6) -> str
     lines = [f"dataset {path}", f"  cells: {ds.num_rows:,}", f"  columns: {', '.join(ds.column_names)}",
              f"  tokens per cell: {_percentiles(lengths)}"]
     if manifest:
-        params = manifest.get("params", {})
+        spec = manifest.get("tokenization", {})
+        shown = {**{k: spec[k] for k in ("top_k", "n_zeros", "seed") if k in spec}, **manifest.get("params", {})}
         counts = manifest.get("counts", {})
-        lines.append(f"  mode: {manifest.get('mode')}; " + ", ".join(
-            f"{k}={params[k]}" for k in ("top_k", "n_zeros", "seed", "keep_counts", "model_input_size") if k in params))
+        lines.append(f"  mode: {spec.get('mode')}; " + ", ".join(
+            f"{k}={shown[k]}" for k in ("top_k", "n_zeros", "seed", "keep_counts", "model_input_size") if k in shown))
         skipped = counts.get("cells_skipped", {})
         lines.append(f"  cells in: {counts.get('cells_in', 0):,}, written: {counts.get('cells_written', 0):,}, "
                      f"skipped: {skipped.get('zero_counts', 0):,} with zero counts, "
@@ -79,9 +80,9 @@ def describe_cell(path: str | os.PathLike, cell: int = 0, *, n_tokens: int = 20)
     ids = np.asarray(row["input_ids"])
     values = np.asarray(row.get("values", np.zeros(len(ids))))
     is_zero = np.asarray(row.get("is_zero", np.zeros(len(ids), dtype=np.int8)))
-    groups = np.asarray(row["group_ids"]) if "group_ids" in row and len(row["group_ids"]) else None
-    extras = {k: v for k, v in row.items() if k not in ("input_ids", "values", "is_zero", "group_ids", "counts_ids",
-                                                            "counts")}
+    # hierarchy groups per token, from the vocabulary (the one place they are stored)
+    groups = vocab.token_group_ids[ids].T if vocab.n_levels and "is_zero" in row else None  # (n_levels, T)
+    extras = {k: v for k, v in row.items() if k not in ("input_ids", "values", "is_zero", "counts_ids", "counts")}
     lines = [f"cell {cell}: " + ", ".join(f"{k}={v}" for k, v in extras.items())]
     symbols = vocab.gene_symbols or [""] * vocab.n_genes
     header = f"{'pos':>4} {'token':>6}  {'gene id':<18} {'symbol':<12} {'value':>9}  flag"

@@ -141,12 +141,12 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
     import h5py
     from tqdm import tqdm
 
+    from .output import staged_file
+
     design = make_design(n_genes, depth=depth, seed=seed, **kwargs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     obs_parts = []
-    with h5py.File(tmp, "w") as f:
+    with staged_file(path, overwrite=True) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
         group = f.create_group("X")
@@ -176,5 +176,15 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int = 2
         ad.io.write_elem(f, "var", var)
         for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             ad.io.write_elem(f, name, {})
-    os.replace(tmp, path)
+    return path
+
+
+def synthetic_corpus(data_dir: str | os.PathLike, n_cells: int, n_genes: int = 20_000, *, seed: int = 0,
+                     compression: str | None = None) -> Path:
+    """``data_dir/synthetic_<cells>x<genes>_s<seed>[_<compression>].h5ad``, written on first use (the benchmarks'
+    corpora: the same arguments always give the same file)."""
+    suffix = f"_{compression}" if compression else ""
+    path = Path(data_dir) / f"synthetic_{n_cells}x{n_genes}_s{seed}{suffix}.h5ad"
+    if not path.is_file():
+        write_synthetic_h5ad(path, n_cells, n_genes, seed=seed, compression=compression, progress=False)
     return path

@@ -7,10 +7,10 @@ each write their blocks to their own Arrow files, and the dataset lists the file
 input order (file by file, cell by cell) whatever the number of workers. Zero sampling is seeded per cell from the
 global seed and a key made of the file name and the row, so it does not depend on chunking or workers either.
 
-Output folder (see CONTRACTS.md): ``data-*.arrow`` + ``state.json`` + ``dataset_info.json`` (readable with
-``datasets.load_from_disk``), ``vocab.json``/``gene_stats.parquet``/``stats.json`` (``GeneVocab.load`` works on the
-folder), and ``manifest.json`` (mode, parameters, inputs, counts of cells and genes kept and dropped, and why). It is
-written to a temporary sibling and renamed when complete.
+Output folder: ``data-*.arrow`` + ``state.json`` + ``dataset_info.json`` (readable with ``datasets.load_from_disk``),
+``vocab.json``/``gene_stats.parquet``/``stats.json`` (``GeneVocab.load`` works on the folder), and ``manifest.json``:
+the :class:`~tokenizer.spec.TokenizationSpec` (with the genes each input measures), the run's options, and counts of
+cells and genes kept and dropped, and why. It is written to a temporary sibling and renamed when complete.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from .encode import encode_chunk, mix_seeds
 from .errors import InputError
-from .geneformer import GeneformerDicts, geneformer_settings, load_geneformer_dicts
+from .geneformer import GeneformerDicts, geneformer_spec, load_geneformer_dicts
 from .io import (
     Chunk,
     CountSource,
@@ -46,36 +45,36 @@ from .io import (
     read_gene_columns,
     read_obs_totals,
 )
-from .output import check_output, staged_dir
+from .output import check_output, staged_dir, write_bytes
 from .parallel import run_tasks
+from .dataset import TokenizedCells
+from .spec import TokenizationSpec
 from .vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-RESERVED_COLUMNS = ("input_ids", "values", "is_zero", "group_ids", "length", "total_counts", "cell_id", "source",
-                    "counts_ids", "counts")
+RESERVED_COLUMNS = ("input_ids", "values", "is_zero", "length", "total_counts", "cell_id", "source", "counts_ids",
+                    "counts")
 
 
 @dataclass
-class EncodeSpec:
-    """How cells are encoded (the part of the parameters every worker needs)."""
+class _Encoder:
+    """What every worker needs to encode cells: the spec and the vocabulary's per-token medians."""
 
-    mode: str  # "express" or "geneformer"
-    top_k: int
-    n_zeros: int
-    seed: int
-    target_sum: float
+    spec: TokenizationSpec
+    medians: np.ndarray  # (vocab_size,) per token id
     cls_id: int | None
     eos_id: int | None
     keep_counts: bool
-    medians: np.ndarray  # (vocab_size,) per token id
-    group_ids: np.ndarray  # (vocab_size, n_levels) int16 (int32 when a group id exceeds 32,767), 0 for specials
-    rank_dtype: type = np.float32  # Geneformer ranks float64 values
 
     @property
-    def with_groups(self) -> bool:
-        return self.mode == "express"
+    def express(self) -> bool:
+        return self.spec.mode == "express"
+
+    @property
+    def rank_dtype(self) -> type:
+        return np.float64 if self.spec.mode == "geneformer" else np.float32  # Geneformer ranks float64 values
 
 
 @dataclass
@@ -124,16 +123,15 @@ def _obs_to_arrow(values: pd.Series, arrow_type: pa.DataType) -> pa.Array:
     return pa.array(values.to_numpy(), type=arrow_type, from_pandas=True)
 
 
-def dataset_schema(spec: EncodeSpec, obs_types: dict[str, pa.DataType]) -> pa.Schema:
-    """The Arrow schema of a tokenized dataset (column order as in CONTRACTS.md)."""
+def dataset_schema(encoder: _Encoder, obs_types: dict[str, pa.DataType]) -> pa.Schema:
+    """The Arrow schema of a tokenized dataset (the column table in the README)."""
     fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("values", pa.list_(pa.float32()))]
-    if spec.with_groups:
-        group_type = pa.from_numpy_dtype(spec.group_ids.dtype)
-        fields += [pa.field("is_zero", pa.list_(pa.int8())), pa.field("group_ids", pa.list_(pa.list_(group_type)))]
+    if encoder.express:
+        fields += [pa.field("is_zero", pa.list_(pa.int8()))]
     fields += [pa.field("length", pa.int32()), pa.field("total_counts", pa.float64()),
                pa.field("cell_id", pa.string()), pa.field("source", pa.string())]
     fields += [pa.field(k, t) for k, t in obs_types.items()]
-    if spec.keep_counts:
+    if encoder.keep_counts:
         fields += [pa.field("counts_ids", pa.list_(pa.int32())), pa.field("counts", pa.list_(pa.int32()))]
     return pa.schema(fields)
 
@@ -141,31 +139,6 @@ def dataset_schema(spec: EncodeSpec, obs_types: dict[str, pa.DataType]) -> pa.Sc
 # --- encoding one chunk -----------------------------------------------------------------------------------------------
 def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), pa.array(values))
-
-
-@numba.njit(cache=True, nogil=True)
-def _group_layout(input_ids, offsets, table, values, inner):
-    """Fill the values and inner offsets of ``group_ids``: per cell, one run per level, each as long as the cell."""
-    n_cells, n_levels = offsets.shape[0] - 1, table.shape[1]
-    pos = 0
-    for i in range(n_cells):
-        for level in range(n_levels):
-            inner[i * n_levels + level] = pos
-            for p in range(offsets[i], offsets[i + 1]):
-                values[pos] = table[input_ids[p], level]
-                pos += 1
-    inner[n_cells * n_levels] = pos
-
-
-def _nested_groups(input_ids: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> pa.Array:
-    """``group_ids`` as one list per hierarchy level per cell, each aligned with the cell's ``input_ids``."""
-    n_cells, n_levels = len(offsets) - 1, table.shape[1]
-    outer = np.arange(0, n_cells * n_levels + 1, max(n_levels, 1), dtype=np.int32) if n_levels else \
-        np.zeros(n_cells + 1, dtype=np.int32)
-    values = np.empty(len(input_ids) * n_levels, dtype=table.dtype)
-    inner = np.empty(n_cells * n_levels + 1, dtype=np.int32)
-    _group_layout(input_ids, offsets, table, values, inner)
-    return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(values)))
 
 
 @dataclass
@@ -181,10 +154,10 @@ class _Context:
     obs: dict[str, pa.Array]
 
 
-def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType], spec: EncodeSpec) -> _Context:
+def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType], encoder: _Encoder) -> _Context:
     source = open_source(info.item, layer=cfg["layer"])
     totals = read_obs_totals(source, cfg["total_counts_key"]) if cfg["total_counts_key"] else None
-    plan = SourcePlan(info.col_map, info.merge, len(spec.medians), totals, cfg["allow_non_integer"])
+    plan = SourcePlan(info.col_map, info.merge, len(encoder.medians), totals, cfg["allow_non_integer"])
     candidates = np.unique(info.col_map[info.col_map >= 0])
     obs = {k: _obs_to_arrow(source.require_obs(k).reset_index(drop=True), t) for k, t in obs_types.items()}
     obs_names = pa.array(source.obs_names(), type=pa.string())
@@ -200,7 +173,7 @@ def _subset_rows(keep: np.ndarray, rows, indptr, indices, data, totals) -> tuple
     return rows[keep], new_indptr, indices[entry_keep], data[entry_keep], totals[keep]
 
 
-def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Schema, counters: dict
+def _encode_chunk(ctx: _Context, chunk: Chunk, encoder: _Encoder, schema: pa.Schema, counters: dict
                   ) -> pa.RecordBatch | None:
     block = (chunk.rows, chunk.indptr, chunk.indices, chunk.data, chunk.totals)
     has_counts = chunk.totals > 0
@@ -208,13 +181,15 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
     if not has_counts.all():
         block = _subset_rows(has_counts, *block)
 
+    spec = encoder.spec
+
     def encode(block):
         rows, indptr, indices, data, totals = block
         seeds = mix_seeds(spec.seed, cell_keys(ctx.key, rows)) if spec.n_zeros > 0 else None
         return encode_chunk(
-            indptr, indices, data, totals, spec.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
+            indptr, indices, data, totals, encoder.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
             zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
-            cls_id=spec.cls_id, eos_id=spec.eos_id, target_sum=spec.target_sum, rank_dtype=spec.rank_dtype,
+            cls_id=encoder.cls_id, eos_id=encoder.eos_id, target_sum=spec.target_sum, rank_dtype=encoder.rank_dtype,
             col_map=chunk.col_map, indices_checked=True, positive=chunk.positive,
         )
 
@@ -236,9 +211,8 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
         "input_ids": _list(tokens.offsets, tokens.input_ids),
         "values": _list(tokens.offsets, tokens.values),
     }
-    if spec.with_groups:
+    if encoder.express:
         columns["is_zero"] = _list(tokens.offsets, tokens.is_zero)
-        columns["group_ids"] = _nested_groups(tokens.input_ids, tokens.offsets, spec.group_ids)
     columns["length"] = pa.array(lengths)
     columns["total_counts"] = pa.array(totals)
     columns["cell_id"] = ctx.obs_names.take(pa.array(rows))
@@ -247,7 +221,7 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, spec: EncodeSpec, schema: pa.Sche
         take = pa.array(rows)
         for key, values in ctx.obs.items():
             columns[key] = values.take(take)
-    if spec.keep_counts:  # the plan merged this chunk: token ids, ascending per row
+    if encoder.keep_counts:  # the plan merged this chunk: token ids, ascending per row
         columns["counts_ids"] = _list(indptr, indices.astype(np.int32))
         columns["counts"] = _list(indptr, data.astype(np.int32))
     return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
@@ -268,12 +242,12 @@ def _new_counters() -> dict:
             "length_hist": None}
 
 
-def iter_record_batches(ctx: _Context, start: int, stop: int, spec: EncodeSpec, schema: pa.Schema,
+def iter_record_batches(ctx: _Context, start: int, stop: int, encoder: _Encoder, schema: pa.Schema,
                         chunk_size: int, counters: dict, report: Callable[[int], None] | None = None
                         ) -> Iterator[pa.RecordBatch]:
     # without duplicate genes to sum or counts to keep, the encoder reads the file's columns through col_map
     for chunk in iter_chunks(ctx.source, ctx.plan, start, stop, chunk_size, ctx.info.labels, remap=ctx.plan.merge):
-        batch = _encode_chunk(ctx, chunk, spec, schema, counters)
+        batch = _encode_chunk(ctx, chunk, encoder, schema, counters)
         if report is not None:
             report(chunk.n_rows)
         if batch is not None:
@@ -288,7 +262,7 @@ class _Unit:
     start: int
     stop: int
     path: str  # Arrow file to write
-    spec: EncodeSpec
+    encoder: _Encoder
     obs_types: dict
     schema: pa.Schema
     cfg: dict
@@ -303,10 +277,10 @@ def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
     if ctx is None:
         for old in list(_CONTEXTS):  # one file open at a time per process
             _CONTEXTS.pop(old).source.close()
-        ctx = _CONTEXTS[key] = _open_context(unit.source, unit.cfg, unit.obs_types, unit.spec)
+        ctx = _CONTEXTS[key] = _open_context(unit.source, unit.cfg, unit.obs_types, unit.encoder)
     counters = _new_counters()
     with pa.OSFile(unit.path, "wb") as sink, pa.ipc.new_stream(sink, unit.schema) as writer:
-        for batch in iter_record_batches(ctx, unit.start, unit.stop, unit.spec, unit.schema,
+        for batch in iter_record_batches(ctx, unit.start, unit.stop, unit.encoder, unit.schema,
                                          unit.cfg["chunk_size"], counters, report):
             writer.write_batch(batch)
     counters["source"] = unit.source.index
@@ -315,10 +289,10 @@ def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
 
 def _warmup(unit: _Unit) -> None:
     """Encode the first cells of a unit and throw them away: loads the compiled kernels before workers fork."""
-    ctx = _open_context(unit.source, unit.cfg, unit.obs_types, unit.spec)
+    ctx = _open_context(unit.source, unit.cfg, unit.obs_types, unit.encoder)
     try:
         stop = min(unit.start + 2, unit.stop)
-        list(iter_record_batches(ctx, unit.start, stop, unit.spec, unit.schema, 2, _new_counters()))
+        list(iter_record_batches(ctx, unit.start, stop, unit.encoder, unit.schema, 2, _new_counters()))
     finally:
         ctx.source.close()
 
@@ -329,39 +303,30 @@ def _close_contexts() -> None:
 
 
 # --- planning ---------------------------------------------------------------------------------------------------------
-@dataclass
-class _Mode:
-    vocab: GeneVocab
-    collapse: dict | None  # Geneformer's id-collapsing map (upper-cased id -> dictionary id)
-    name: str
-    top_k: int
-    n_zeros: int
-    cls_id: int | None
-    eos_id: int | None
-    params: dict
-
-
-def _resolve_mode(vocab, geneformer_dicts, model_input_size, top_k, n_zeros) -> _Mode:
-    """The vocabulary, id-collapsing map and encoding settings of express or Geneformer mode."""
+def _resolve(stats, geneformer_dicts, model_input_size, spec: TokenizationSpec | None
+             ) -> tuple[GeneVocab, dict | None, TokenizationSpec, dict]:
+    """The vocabulary, Geneformer's id-collapsing map (or None), the spec and the mode's extra parameters."""
     if geneformer_dicts is not None:
-        if vocab is not None:
+        if stats is not None:
             raise InputError("give either a statistics folder / vocabulary or Geneformer dictionaries, not both")
+        if spec is not None:
+            raise InputError("Geneformer mode takes its encoding from the dictionaries and --model_input_size; "
+                             "do not pass a tokenization spec as well")
         dicts = geneformer_dicts if isinstance(geneformer_dicts, GeneformerDicts) else \
             load_geneformer_dicts(geneformer_dicts)
-        k, cls_id, eos_id = geneformer_settings(dicts, model_input_size)
-        size = k + (cls_id is not None) + (eos_id is not None)
-        return _Mode(dicts.vocab, dicts.mapping, "geneformer", k, 0, cls_id, eos_id,
-                     {"geneformer_dicts": str(dicts.directory), "model_input_size": size})
-    if vocab is None:
+        spec = geneformer_spec(dicts, model_input_size)
+        return dicts.vocab, dicts.mapping, spec, {"geneformer_dicts": str(dicts.directory),
+                                                  "model_input_size": spec.max_length}
+    if stats is None:
         raise InputError("tokenize needs a statistics folder (--stats, from `express-tokenize fit`) or Geneformer "
                          "dictionaries (--geneformer_dicts)")
     if model_input_size is not None:
         raise InputError("--model_input_size only applies with --geneformer_dicts")
-    if top_k < 1 or n_zeros < 0:
-        raise InputError(f"top_k must be >= 1 and n_zeros >= 0, got {top_k} and {n_zeros}")
-    if not isinstance(vocab, GeneVocab):
-        vocab = GeneVocab.load(vocab)
-    return _Mode(vocab, None, "express", top_k, n_zeros, vocab.cls_id, None, {})
+    spec = spec if spec is not None else TokenizationSpec()
+    if spec.mode != "express":
+        raise InputError(f"a {spec.mode}-mode spec needs --geneformer_dicts; a statistics folder encodes in express mode")
+    vocab = stats if isinstance(stats, GeneVocab) else GeneVocab.load(stats)
+    return vocab, None, spec, {}
 
 
 def _plan_sources(inputs, vocab: GeneVocab, collapse: dict | None, cfg: dict, obs_keys: Sequence[str],
@@ -482,34 +447,29 @@ def _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
             "allow_non_integer": bool(allow_non_integer), "chunk_size": int(chunk_size)}
 
 
-def _narrow_groups(table: np.ndarray) -> np.ndarray:
-    """Group ids as int16 when they fit (hierarchies rarely have more than a few thousand groups per level), else
-    int32: ``group_ids`` is the largest column of a tokenized dataset, and writing it is much of tokenizing's time."""
-    fits = table.size == 0 or int(table.max()) <= np.iinfo(np.int16).max
-    return table.astype(np.int16 if fits else np.int32)
-
-
-def _prepare(inputs, vocab, geneformer_dicts, model_input_size, top_k, n_zeros, seed, target_sum, keep_counts,
-             obs_keys, gene_map, cfg):
+def _prepare(inputs, stats, geneformer_dicts, model_input_size, spec, keep_counts, obs_keys, gene_map, cfg):
     if keep_counts and cfg["allow_non_integer"]:
         raise InputError("--keep_counts stores integer counts (for MCV splits); it cannot be combined with "
                          "--allow_non_integer")
     obs_keys = _check_obs_keys(obs_keys)
-    mode = _resolve_mode(vocab, geneformer_dicts, model_input_size, top_k, n_zeros)
-    vocab = mode.vocab
+    vocab, collapse, spec, mode_params = _resolve(stats, geneformer_dicts, model_input_size, spec)
     gene_map_dict = load_gene_map(gene_map) if isinstance(gene_map, (str, os.PathLike)) else gene_map
-    infos, obs_types = _plan_sources(inputs, vocab, mode.collapse, cfg, obs_keys, gene_map_dict, keep_counts)
-    spec = EncodeSpec(
-        mode=mode.name, top_k=int(mode.top_k), n_zeros=int(mode.n_zeros), seed=int(seed),
-        target_sum=float(target_sum), cls_id=mode.cls_id, eos_id=mode.eos_id, keep_counts=bool(keep_counts),
-        medians=vocab.token_medians, group_ids=_narrow_groups(vocab.token_group_ids),
-        rank_dtype=np.float64 if mode.name == "geneformer" else np.float32,
+    infos, obs_types = _plan_sources(inputs, vocab, collapse, cfg, obs_keys, gene_map_dict, keep_counts)
+    stems = [i.stem for i in infos]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise InputError(f"several inputs are named {repeated[0]!r}: the `source` column and the per-cell seeds tell "
+                         "files apart by name, so rename one of them")
+    # the genes each input measures: zeros are sampled among them, and every later re-tokenization must do the same
+    spec = spec.replace(measured_genes={i.stem: i.col_map[i.col_map >= 0] for i in infos})
+    encoder = _Encoder(
+        spec=spec, medians=vocab.token_medians, keep_counts=bool(keep_counts),
+        cls_id=vocab.cls_id if spec.add_cls else None, eos_id=vocab.eos_id if spec.add_eos else None,
     )
-    params = {"top_k": spec.top_k, "n_zeros": spec.n_zeros, "seed": spec.seed, "target_sum": spec.target_sum,
-              "cls": spec.cls_id is not None, "eos": spec.eos_id is not None, "keep_counts": spec.keep_counts,
-              "obs_keys": obs_keys, "gene_map": str(gene_map) if isinstance(gene_map, (str, os.PathLike)) else None,
-              **{k: v for k, v in cfg.items() if k != "chunk_size"}, **mode.params}
-    return vocab, spec, infos, obs_types, params
+    params = {"keep_counts": encoder.keep_counts, "obs_keys": obs_keys,
+              "gene_map": str(gene_map) if isinstance(gene_map, (str, os.PathLike)) else None,
+              **{k: v for k, v in cfg.items() if k != "chunk_size"}, **mode_params}
+    return vocab, encoder, infos, obs_types, params
 
 
 # --- public API -------------------------------------------------------------------------------------------------------
@@ -518,9 +478,7 @@ def tokenize_files(
     stats: str | os.PathLike | GeneVocab | None,
     out_dir: str | os.PathLike,
     *,
-    top_k: int = 256,
-    n_zeros: int = 50,
-    seed: int = 0,
+    spec: TokenizationSpec | None = None,
     obs_keys: Sequence[str] | str | None = None,
     keep_counts: bool = False,
     gene_id_key: str | None = None,
@@ -530,7 +488,6 @@ def tokenize_files(
     allow_non_integer: bool = False,
     geneformer_dicts: str | os.PathLike | None = None,
     model_input_size: int | None = None,
-    target_sum: float = 10_000.0,
     num_workers: int = 1,
     chunk_size: int = 2048,
     overwrite: bool = False,
@@ -543,9 +500,8 @@ def tokenize_files(
         stats: a statistics folder from ``fit`` (or any folder ``GeneVocab.load`` reads, or a ``GeneVocab``);
             ``None`` with ``geneformer_dicts``.
         out_dir: the dataset folder to create (refused if it exists, unless ``overwrite``).
-        top_k: detected genes kept per cell, highest normalised value first.
-        n_zeros: zero-count vocabulary genes sampled per cell (among those the file measures).
-        seed: global seed of the per-cell zero sampling.
+        spec: how to encode cells (:class:`~tokenizer.spec.TokenizationSpec`: ``top_k``, ``n_zeros``, ``seed``,
+            ...); default ``TokenizationSpec()``. The manifest records it with the genes each input measures.
         obs_keys: obs columns to carry (list or comma-separated string); categoricals become strings.
         keep_counts: also store every detected vocabulary gene's raw count (``counts_ids``, ``counts``).
         gene_id_key: var column holding gene ids (default: var_names); ``gene_map``: JSON file or dict mapping them
@@ -567,18 +523,18 @@ def tokenize_files(
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
-    vocab, spec, infos, obs_types, params = _prepare(inputs, stats, geneformer_dicts, model_input_size, top_k,
-                                                      n_zeros, seed, target_sum, keep_counts, obs_keys, gene_map, cfg)
-    schema = dataset_schema(spec, obs_types)
+    vocab, encoder, infos, obs_types, params = _prepare(inputs, stats, geneformer_dicts, model_input_size, spec,
+                                                        keep_counts, obs_keys, gene_map, cfg)
+    schema = dataset_schema(encoder, obs_types)
     from .stats import _block_size
 
     total = sum(i.n_obs for i in infos)
     block = _block_size(total, num_workers, chunk_size)
     blocks = [(info, a, min(a + block, info.n_obs)) for info in infos for a in range(0, info.n_obs, block)]
     started = datetime.datetime.now(datetime.timezone.utc)
-    with staged_dir(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
         names = [f"data-{k:05d}-of-{len(blocks):05d}.arrow" for k in range(len(blocks))]
-        units = [_Unit(k, info, a, b, str(tmp / names[k]), spec, obs_types, schema, cfg)
+        units = [_Unit(k, info, a, b, str(tmp / names[k]), encoder, obs_types, schema, cfg)
                  for k, (info, a, b) in enumerate(blocks)]
         try:
             counters = run_tasks(_run_unit, units, num_workers=num_workers, total=total, desc="tokenize",
@@ -591,15 +547,14 @@ def tokenize_files(
         _write_dataset_files(tmp, names, schema, summary, params)
         vocab.save(tmp)
         manifest = {
-            "format": "express tokenized dataset", "version": 1, "mode": spec.mode, "params": params,
-            "inputs": summary["inputs"], "counts": summary["counts"], "columns": schema.names,
+            "format": "express tokenized dataset", "version": 2, "tokenization": encoder.spec.to_dict(),
+            "params": params, "inputs": summary["inputs"], "counts": summary["counts"], "columns": schema.names,
             "vocab_fingerprint": vocab.fingerprint(), "vocab_size": vocab.vocab_size,
-            "n_levels": int(spec.group_ids.shape[1]) if spec.with_groups else 0,
             "created": started.isoformat(timespec="seconds"),
             "run": {"num_workers": num_workers, "chunk_size": chunk_size,
                     "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 3)},
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     counts = summary["counts"]
     logger.info("wrote %d cells (%d skipped: %d with zero counts, %d without vocabulary genes) to %s",
                 counts["cells_written"], sum(counts["cells_skipped"].values()), counts["cells_skipped"]["zero_counts"],
@@ -619,8 +574,13 @@ def _feature(arrow_type: pa.DataType, list_name: str) -> dict:
 
 
 def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, summary: dict, params: dict) -> None:
-    """``state.json`` and ``dataset_info.json`` as ``datasets.save_to_disk`` writes them (without importing
-    ``datasets``, which takes longer than tokenizing a small file)."""
+    """``state.json`` and ``dataset_info.json`` in ``datasets.save_to_disk``'s layout, over the Arrow files the
+    workers wrote (``save_to_disk`` would write every row again).
+
+    Written here rather than with ``datasets`` because importing it costs about 1.3 s of CPU, as much as tokenizing
+    50,000 cells with two workers (``scripts/bench_tokenizer.py``); ``TokenizedCells.load`` checks that
+    ``datasets.load_from_disk`` reads the folder.
+    """
     from importlib.metadata import version
 
     list_name = "List" if int(version("datasets").split(".")[0]) >= 4 else "Sequence"  # datasets 4 renamed it
@@ -631,19 +591,17 @@ def _write_dataset_files(directory: Path, names: list[str], schema: pa.Schema, s
         "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
         "_output_all_columns": False, "_split": None,
     }
-    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    write_bytes(directory / "state.json", json.dumps(state, indent=2).encode())
     info = {"description": "express rank-token dataset (see manifest.json)", "citation": "", "homepage": "",
             "license": "", "features": {f.name: _feature(f.type, list_name) for f in schema}}
-    (directory / "dataset_info.json").write_text(json.dumps(info))
+    write_bytes(directory / "dataset_info.json", json.dumps(info).encode())
 
 
 def tokenize_adata(
     adata,
     vocab: GeneVocab | str | os.PathLike | None = None,
     *,
-    top_k: int = 256,
-    n_zeros: int = 50,
-    seed: int = 0,
+    spec: TokenizationSpec | None = None,
     obs_keys: Sequence[str] | str | None = None,
     keep_counts: bool = False,
     gene_id_key: str | None = None,
@@ -653,27 +611,26 @@ def tokenize_adata(
     allow_non_integer: bool = False,
     geneformer_dicts: str | os.PathLike | None = None,
     model_input_size: int | None = None,
-    target_sum: float = 10_000.0,
     chunk_size: int = 2048,
     source_name: str = "adata",
-):
-    """Tokenize an in-memory AnnData into a ``datasets.Dataset`` (same columns and encoding as
-    :func:`tokenize_files`; cells with zero counts or no vocabulary gene are left out, and ``cell_id`` tells which
-    cells remain). ``source_name`` fills the ``source`` column and keys the per-cell zero sampling."""
+) -> TokenizedCells:
+    """Tokenize an in-memory AnnData (same columns and encoding as :func:`tokenize_files`); returns the cells with
+    their vocabulary and spec. Cells with zero counts or no vocabulary gene are left out (``cell_id`` tells which
+    remain). ``source_name`` fills the ``source`` column and keys the per-cell zero sampling."""
     import datasets
 
     from .io import AnnDataSource
 
     source = AnnDataSource(adata, layer=layer, name=source_name)
     cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
-    vocab, spec, infos, obs_types, params = _prepare([source], vocab, geneformer_dicts, model_input_size, top_k,
-                                                      n_zeros, seed, target_sum, keep_counts, obs_keys, gene_map, cfg)
-    schema = dataset_schema(spec, obs_types)
-    ctx = _open_context(infos[0], cfg, obs_types, spec)
+    vocab, encoder, infos, obs_types, _ = _prepare([source], vocab, geneformer_dicts, model_input_size, spec,
+                                                   keep_counts, obs_keys, gene_map, cfg)
+    schema = dataset_schema(encoder, obs_types)
+    ctx = _open_context(infos[0], cfg, obs_types, encoder)
     counters = _new_counters()
-    batches = list(iter_record_batches(ctx, 0, source.n_obs, spec, schema, chunk_size, counters))
+    batches = list(iter_record_batches(ctx, 0, source.n_obs, encoder, schema, chunk_size, counters))
     table = pa.Table.from_batches(batches, schema=schema)
     if counters["skipped_zero_counts"] or counters["skipped_no_vocabulary_genes"]:
         logger.info("%s: left out %d cells with zero counts and %d without vocabulary genes", source_name,
                     counters["skipped_zero_counts"], counters["skipped_no_vocabulary_genes"])
-    return datasets.Dataset(table)
+    return TokenizedCells(datasets.Dataset(table), vocab, encoder.spec, name=source_name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +27,6 @@ VOCAB_FILE = "vocab.json"
 STATS_FILE = "gene_stats.parquet"
 META_FILE = "stats.json"
 
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -175,20 +162,16 @@ class GeneVocab:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``vocab.json``, ``gene_stats.parquet`` and ``stats.json`` into ``directory`` (each atomically)."""
+        from .output import staged_file, write_bytes
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(directory / VOCAB_FILE, _flat_json(self.token_to_id).encode())
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATS_FILE}.", dir=directory)
-        os.close(fd)
-        try:
+        write_bytes(directory / VOCAB_FILE, json.dumps(self.token_to_id).encode())
+        with staged_file(directory / STATS_FILE, overwrite=True) as tmp:
             self.to_frame().to_parquet(tmp, index=False)
-            os.replace(tmp, directory / STATS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         meta = dict(self.meta, special_tokens=list(self.special_tokens), n_genes=self.n_genes,
                     n_levels=self.n_levels, n_groups=self.n_groups)
-        atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
+        write_bytes(directory / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> GeneVocab:
@@ -231,15 +214,6 @@ class GeneVocab:
         import hashlib
 
         return hashlib.sha256(json.dumps(self.token_to_id, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _flat_json(mapping: dict[str, int]) -> str:
-    """``json.dumps(mapping, indent=0)`` for a flat str -> int mapping, without the slow pure-Python encoder that any
-    ``indent`` selects."""
-    if not mapping:
-        return "{}"
-    dumps = json.JSONEncoder(ensure_ascii=True).encode
-    return "{\n" + ",\n".join(f"{dumps(k)}: {int(v)}" for k, v in mapping.items()) + "\n}"
 
 
 def _json_default(obj):

@@ -1,17 +1,14 @@
-"""Fine-tuning heads on a cell embedding: cell types, a VAE/IWAE with count likelihoods, and surface proteins.
+"""The mathematics of the VAE head: Gaussian densities, the posterior, the priors, the count decoder, and
+:class:`VAEHead`, which puts them together as ``inference -> generative -> loss``.
 
 Read top to bottom:
 
-1. pure Gaussian helpers (log-densities, KL) and the gradient-rescaling step of the DReG estimator;
-2. the building blocks: an MLP encoder on log-normalised counts (the scVI-like baseline), the Gaussian posterior
-   ``q(z|x)`` (diagonal or full covariance), the priors (standard normal or a Gaussian mixture whose components are
-   cell types), and the count decoder ``p(x|z, batch)`` (NB or ZINB with mean ``library * softmax(f(z, batch))``);
-3. :class:`VAEHead`, which puts them together as ``inference -> generative -> loss`` and returns a :class:`VAELoss`;
-4. the Hugging Face models (``save_pretrained`` / ``from_pretrained``): :class:`ExpressForCellTypes`,
-   :class:`ExpressForVAE` and :class:`ExpressForProteinRegression`. Each reads a cell embedding either from the
-   pretrained transformer (``ExpressModel``, pooled output) or from the MLP encoder, chosen by
-   ``config.head["encoder"]``. Head settings ride on :class:`ExpressConfig` as one extra ``head`` dict (see
-   :class:`HeadSettings`).
+1. pure Gaussian helpers (log-densities, KL) and the self-normalised importance weights;
+2. building blocks: the Gaussian posterior ``q(z|x)`` (diagonal or full covariance), the priors (standard normal, or
+   a Gaussian mixture whose components are cell types, with an optional hyperprior over a label hierarchy), and the
+   count decoder ``p(x|z, batch)`` (NB or ZINB with mean ``library * softmax(f(z, batch))``);
+3. :class:`VAEHead` and its :class:`VAELoss`;
+4. :func:`normalize_protein_counts`, the scale protein levels are predicted and scored on.
 
 Objectives (Kingma & Welling 2014; Burda et al. 2016; Tucker et al. 2019):
 
@@ -20,23 +17,23 @@ Objectives (Kingma & Welling 2014; Burda et al. 2016; Tucker et al. 2019):
   encoder gradient is the doubly reparameterised one, ``sum_k w~_k^2 d log w_k / d z_k * d z_k / d phi`` with the
   variational parameters held fixed inside ``log q``; the decoder and prior get the ordinary IWAE gradient
   ``sum_k w~_k d log w_k / d theta`` (``w~`` = normalised weights).
+
+This file imports only ``torch``, ``transformers`` and its sibling files (it travels with saved checkpoints).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
-from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_express import ExpressConfig
 from .likelihoods import log_nb, log_zinb
-from .modeling_express import ExpressModel, ExpressPreTrainedModel
+from .modeling_express import IGNORE_INDEX
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -79,29 +76,14 @@ def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Building blocks
 # ---------------------------------------------------------------------------------------------------------------------
-def _mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
+def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float) -> nn.Sequential:
+    """``n_layers`` x (Linear -> LayerNorm -> GELU [-> Dropout]), the hidden block of encoders and decoders."""
     layers: list[nn.Module] = []
     for i in range(n_layers):
         layers += [nn.Linear(n_in if i == 0 else n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.GELU()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
-
-
-class MLPCellEncoder(nn.Module):
-    """The scVI-like baseline encoder: an MLP on ``log1p(counts / library * 1e4)`` of a fixed gene list.
-
-    ``input_dropout`` zeroes each input gene with that probability during training (and rescales the rest), so the
-    encoder cannot lean on a few genes -- a regulariser against donor- or batch-specific markers."""
-
-    def __init__(self, n_genes: int, n_hidden: int = 256, n_layers: int = 2, dropout: float = 0.1,
-                 input_dropout: float = 0.0):
-        super().__init__()
-        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
-        self.net = _mlp(n_genes, n_hidden, n_layers, dropout)
-
-    def forward(self, log_counts: torch.Tensor) -> torch.Tensor:
-        return self.net(self.input_dropout(log_counts))  # (B, H)
 
 
 class GaussianPosterior(nn.Module):
@@ -222,7 +204,7 @@ class CountDecoder(nn.Module):
     """
 
     def __init__(
-        self, n_latent: int, n_out: int, n_batch: int = 0, n_hidden: int = 128, n_layers: int = 1,
+        self, n_latent: int, n_out: int, *, n_batch: int = 0, n_hidden: int = 128, n_layers: int = 1,
         likelihood: str = "nb", dispersion: str = "gene", dropout: float = 0.0, softmax_mean: bool = True,
     ):
         super().__init__()
@@ -232,8 +214,9 @@ class CountDecoder(nn.Module):
             raise ValueError(f"dispersion must be 'gene' or 'gene-batch', got {dispersion!r}")
         if dispersion == "gene-batch" and n_batch < 1:
             raise ValueError("dispersion='gene-batch' needs a batch key (n_batch >= 1)")
-        self.n_batch, self.likelihood, self.dispersion, self.softmax_mean = n_batch, likelihood, dispersion, softmax_mean
-        self.net = _mlp(n_latent + n_batch, n_hidden, n_layers, dropout)
+        self.n_batch, self.likelihood, self.dispersion = n_batch, likelihood, dispersion
+        self.softmax_mean = softmax_mean
+        self.net = mlp(n_latent + n_batch, n_hidden, n_layers, dropout)
         self.mean = nn.Linear(n_hidden, n_out)
         self.zi_logits = nn.Linear(n_hidden, n_out) if likelihood == "zinb" else None
         self.log_theta = nn.Parameter(torch.zeros(n_batch if dispersion == "gene-batch" else 1, n_out))
@@ -315,7 +298,7 @@ class VAEHead(nn.Module):
     """
 
     def __init__(
-        self, n_input: int, n_genes: int, n_latent: int = 16, n_batch: int = 0, n_hidden: int = 128,
+        self, n_input: int, n_genes: int, *, n_latent: int = 16, n_batch: int = 0, n_hidden: int = 128,
         n_layers: int = 1, covariance: str = "diagonal", likelihood: str = "nb", dispersion: str = "gene",
         prior: str = "normal", n_components: int = 0, parents: list[int] | None = None, hyper_scale: float = 1.0,
         n_proteins: int = 0, dropout: float = 0.0,
@@ -328,11 +311,11 @@ class VAEHead(nn.Module):
             self.prior = GaussianMixturePrior(n_components, n_latent, parents, hyper_scale)
         else:
             raise ValueError(f"prior must be 'normal' or 'mixture', got {prior!r}")
-        self.decoder = CountDecoder(n_latent, n_genes, n_batch, n_hidden, n_layers, likelihood, dispersion, dropout)
+        layers = dict(n_batch=n_batch, n_hidden=n_hidden, n_layers=n_layers, dispersion=dispersion, dropout=dropout)
+        self.decoder = CountDecoder(n_latent, n_genes, likelihood=likelihood, **layers)
         self.protein_decoder = (
-            CountDecoder(n_latent, n_proteins, n_batch, n_hidden, n_layers, "nb", dispersion, dropout,
-                         softmax_mean=False)
-            if n_proteins > 0 else None
+            CountDecoder(n_latent, n_proteins, likelihood="nb", softmax_mean=False, **layers) if n_proteins > 0
+            else None
         )
 
     @property
@@ -367,9 +350,9 @@ class VAEHead(nn.Module):
         return out
 
     def loss(
-        self, embedding: torch.Tensor, counts: torch.Tensor, library: torch.Tensor,
+        self, embedding: torch.Tensor, counts: torch.Tensor, library: torch.Tensor, *,
         batch_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-        proteins: torch.Tensor | None = None, *, n_samples: int = 1, objective: str = "elbo", dreg: bool = True,
+        proteins: torch.Tensor | None = None, n_samples: int = 1, objective: str = "elbo", dreg: bool = True,
         kl_weight: float = 1.0, classification_weight: float = 1.0, n_obs: int | None = None,
     ) -> VAELoss:
         """One call of ``inference -> generative -> loss``.
@@ -425,7 +408,7 @@ class VAEHead(nn.Module):
         if self.is_mixture:
             label_log_probs = self.prior.classify(loc)
             if labels is not None and bool((labels >= 0).any()):
-                classification_loss = F.nll_loss(label_log_probs, labels, ignore_index=-100)
+                classification_loss = F.nll_loss(label_log_probs, labels, ignore_index=IGNORE_INDEX)
                 loss = loss + classification_weight * classification_loss
             if self.prior.parents is not None:
                 loss = loss - self.prior.hyperprior_log_prob() / float(n_obs or embedding.shape[0])
@@ -453,265 +436,25 @@ class VAEHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. Hugging Face models
+# 4. Protein levels
 # ---------------------------------------------------------------------------------------------------------------------
-ENCODERS = ("transformer", "mlp")
-PROTEIN_HEADS = ("regression", "nb")
+def normalize_protein_counts(counts: torch.Tensor, method: str = "clr",
+                             reference: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """Protein (ADT) counts ``(..., cells, proteins)`` on the scale they are predicted and scored on.
 
-
-@dataclass
-class HeadSettings:
-    """Settings of the fine-tuning heads, stored on :class:`ExpressConfig` as the extra dict ``config.head``.
-
-    Cell-type names live in the standard ``config.id2label``.
-
-    Args:
-        encoder: ``"transformer"`` (the pretrained ``ExpressModel``; its pooled output is the cell embedding) or
-            ``"mlp"`` (an MLP on ``log1p(counts / library * 1e4)`` of ``input_genes``).
-        input_genes: the MLP encoder's genes, in input order.
-        mlp_hidden, mlp_layers, dropout: the MLP encoder (and the dropout before every head).
-        input_dropout: dropout on the MLP encoder's input genes (0: off).
-        decoder_genes: genes the VAE decoder reconstructs.
-        n_latent, decoder_hidden, decoder_layers, covariance, likelihood, dispersion, prior: see :class:`VAEHead`.
-        label_parents: coarse type per cell type (hyperprior over the mixture means), or ``None``.
-        hyper_scale: standard deviation of the hyperprior.
-        batch_categories: the training batches, in one-hot order (empty: no batch conditioning).
-        proteins: protein names (ADT), in output order.
-        protein_head: ``"regression"`` (MLP on the embedding, squared error on normalised levels) or ``"nb"`` (NB
-            decoder from the VAE latent over protein counts).
-        protein_norm: normalisation of protein levels (see ``finetune.data.normalize_proteins``).
-        protein_reference: per-protein reference of that normalisation, fitted on the training cells.
-        tokenize: tokenization arguments (``top_k``, ``n_zeros``) for new cells; empty = the tokenizer's defaults.
+    - ``"clr"``: centred log-ratio per protein across cells, ``log1p(x / g_p)`` with ``g_p = exp(reference_p)``, the
+      mean of ``log1p(x_p)`` over the training cells (muon's ``prot.pp.clr`` default, the NeurIPS 2021 CITE-seq
+      convention; the reference is fitted on training cells so held-out cells do not normalise each other);
+    - ``"clr_cell"``: centred log-ratio per cell across proteins (Seurat ``margin = 2``);
+    - ``"log1p_cpt"``: ``log1p(x / total * 1e3)`` (counts per thousand).
     """
-
-    encoder: str = "mlp"
-    input_genes: list[str] = field(default_factory=list)
-    mlp_hidden: int = 256
-    mlp_layers: int = 2
-    dropout: float = 0.1
-    input_dropout: float = 0.0
-    decoder_genes: list[str] = field(default_factory=list)
-    n_latent: int = 16
-    decoder_hidden: int = 128
-    decoder_layers: int = 1
-    covariance: str = "diagonal"
-    likelihood: str = "nb"
-    dispersion: str = "gene"
-    prior: str = "normal"
-    label_parents: list[int] | None = None
-    hyper_scale: float = 1.0
-    batch_categories: list[str] = field(default_factory=list)
-    proteins: list[str] = field(default_factory=list)
-    protein_head: str = "regression"
-    protein_norm: str = "clr"
-    protein_reference: list[float] = field(default_factory=list)
-    tokenize: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.encoder == "mlp" and not self.input_genes:
-            raise ValueError("the MLP encoder needs its input gene list (HeadSettings.input_genes)")
-        if self.protein_head not in PROTEIN_HEADS:
-            raise ValueError(f"protein_head must be one of {PROTEIN_HEADS}, got {self.protein_head!r}")
-
-    @classmethod
-    def from_config(cls, config: ExpressConfig) -> HeadSettings:
-        stored = getattr(config, "head", None)
-        if not isinstance(stored, dict):
-            raise ValueError(
-                "this config has no fine-tuning head settings (config.head); build one with "
-                "ExpressConfig(..., head=asdict(HeadSettings(...))) or fine-tune with finetune/run.py"
-            )
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in stored.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ProteinRegressionOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    predictions: torch.Tensor | None = None  # (B, P) normalised protein levels
-
-
-class ExpressFinetunePreTrainedModel(ExpressPreTrainedModel):
-    """Base of the fine-tuning heads: builds the cell encoder named by ``config.head["encoder"]`` under the
-    ``express`` prefix (so ``from_pretrained`` on a pretraining checkpoint loads the transformer's weights) and
-    initialises the head parameters that are not plain layers."""
-
-    def __init__(self, config: ExpressConfig) -> None:
-        super().__init__(config)
-        self.settings = HeadSettings.from_config(config)
-        if self.settings.encoder == "transformer":
-            self.express: nn.Module = ExpressModel(config)
-            self.embedding_size = config.hidden_size
-        else:
-            s = self.settings
-            self.express = MLPCellEncoder(len(s.input_genes), s.mlp_hidden, s.mlp_layers, s.dropout, s.input_dropout)
-            self.embedding_size = s.mlp_hidden
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, GaussianMixturePrior):
-            init.normal_(module.means, mean=0.0, std=1.0)
-            init.zeros_(module.log_scales)
-            init.zeros_(module.logits)
-            if module.parents is not None:
-                init.zeros_(module.parent_means)
-        elif isinstance(module, GaussianPosterior) and module.covariance == "full":
-            init.zeros_(module.off_diagonal.weight)
-            init.zeros_(module.off_diagonal.bias)
-        elif isinstance(module, CountDecoder):
-            init.zeros_(module.log_theta)
-
-    def embed(
-        self, input_ids: torch.Tensor | None = None, values: torch.Tensor | None = None,
-        is_zero: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        log_counts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The cell embedding (B, H): the transformer's pooled output, or the MLP encoder's output."""
-        if self.settings.encoder == "transformer":
-            if input_ids is None:
-                raise ValueError("the transformer encoder needs tokenized cells (input_ids, values, is_zero)")
-            out = self.express(input_ids, values=values, is_zero=is_zero, attention_mask=attention_mask)
-            return out.pooler_output
-        if log_counts is None:
-            raise ValueError("the MLP encoder needs log_counts (log1p(counts / library * 1e4) of its input genes)")
-        return self.express(log_counts)
-
-    def freeze_encoder(self, layers: int | None = None) -> None:
-        """Freeze the whole encoder (``layers=None``) or the transformer's embeddings and its lowest ``layers``."""
-        if layers is None:
-            self.express.requires_grad_(False)
-            return
-        if self.settings.encoder != "transformer":
-            raise ValueError("freezing the lower N layers applies to the transformer encoder only")
-        if not 0 <= layers <= self.config.num_hidden_layers:
-            raise ValueError(f"layers must lie in [0, {self.config.num_hidden_layers}], got {layers}")
-        if layers > 0:
-            self.express.embeddings.requires_grad_(False)
-            for layer in self.express.layers[:layers]:
-                layer.requires_grad_(False)
-
-
-class ExpressForCellTypes(ExpressFinetunePreTrainedModel):
-    """Cell-type classifier: dropout and a linear layer on the cell embedding (either encoder)."""
-
-    def __init__(self, config: ExpressConfig) -> None:
-        super().__init__(config)
-        if config.num_labels < 2:
-            raise ValueError(f"a cell-type classifier needs at least 2 classes, got num_labels={config.num_labels}")
-        self.dropout = nn.Dropout(self.settings.dropout)
-        self.classifier = nn.Linear(self.embedding_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self, labels: torch.Tensor | None = None, *, class_weights: torch.Tensor | None = None,
-        label_smoothing: float = 0.0, **inputs,
-    ) -> SequenceClassifierOutput:
-        """``inputs``: those of :meth:`embed`; ``labels`` (B,) class ids, -100 = unlabelled (ignored).
-
-        ``class_weights`` (C,): per-class weights of the cross-entropy (the loss is the weighted mean over labelled
-        cells, as ``F.cross_entropy`` computes it); ``label_smoothing``: the target puts this mass uniformly on all
-        classes. Both are training choices passed by the trainer, not stored with the model."""
-        logits = self.classifier(self.dropout(self.embed(**inputs)))  # (B, C)
-        loss = None
-        if labels is not None and bool((labels >= 0).any()):
-            weight = class_weights.to(logits.device, torch.float32) if class_weights is not None else None
-            loss = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=-100,
-                                   label_smoothing=label_smoothing)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-class ExpressForProteinRegression(ExpressFinetunePreTrainedModel):
-    """Surface-protein levels (normalised, see ``HeadSettings.protein_norm``) regressed on the cell embedding."""
-
-    def __init__(self, config: ExpressConfig) -> None:
-        super().__init__(config)
-        n_proteins = len(self.settings.proteins)
-        if n_proteins < 1:
-            raise ValueError("protein regression needs the protein names (HeadSettings.proteins)")
-        hidden = self.settings.decoder_hidden
-        self.regressor = nn.Sequential(
-            nn.Dropout(self.settings.dropout), nn.Linear(self.embedding_size, hidden), nn.GELU(),
-            nn.Linear(hidden, n_proteins),
-        )
-        self.post_init()
-
-    def forward(self, protein_targets: torch.Tensor | None = None, **inputs) -> ProteinRegressionOutput:
-        predictions = self.regressor(self.embed(**inputs))  # (B, P)
-        loss = F.mse_loss(predictions.float(), protein_targets.float()) if protein_targets is not None else None
-        return ProteinRegressionOutput(loss=loss, predictions=predictions)
-
-
-class ExpressForVAE(ExpressFinetunePreTrainedModel):
-    """VAE/IWAE on the cell embedding (:class:`VAEHead`); with ``HeadSettings.proteins`` and ``protein_head="nb"``
-    also the multimodal VAE whose latent decodes protein counts. With the mixture prior and ``config.id2label`` the
-    components are the cell types and ``label_log_probs`` classify cells."""
-
-    def __init__(self, config: ExpressConfig) -> None:
-        super().__init__(config)
-        s = self.settings
-        if not s.decoder_genes:
-            raise ValueError("the VAE needs the decoder's gene list (HeadSettings.decoder_genes)")
-        n_labels = len(config.id2label) if s.prior == "mixture" else 0
-        if s.prior == "mixture" and n_labels < 1:
-            raise ValueError("the mixture prior needs its components: pass id2label (cell types) or num_labels")
-        self.vae = VAEHead(
-            self.embedding_size, len(s.decoder_genes), s.n_latent, len(s.batch_categories), s.decoder_hidden,
-            s.decoder_layers, s.covariance, s.likelihood, s.dispersion, s.prior, n_labels, s.label_parents,
-            s.hyper_scale, len(s.proteins) if s.protein_head == "nb" else 0, s.dropout,
-        )
-        self.post_init()
-
-    @torch.no_grad()
-    def initialize_protein_means(self, mean_counts: torch.Tensor) -> None:
-        """Start the protein decoder at the training cells' mean counts (its output bias = log mean), so early
-        steps fit the latent rather than the overall scale of ~100 proteins."""
-        if self.vae.protein_decoder is None:
-            raise ValueError("this VAE has no protein decoder")
-        self.vae.protein_decoder.mean.bias.copy_(torch.log(torch.as_tensor(mean_counts).clamp_min(1e-3)))
-
-    def forward(
-        self, counts: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, proteins: torch.Tensor | None = None, *, objective: str = "elbo",
-        n_samples: int = 1, dreg: bool = True, kl_weight: float = 1.0, classification_weight: float = 1.0,
-        n_obs: int | None = None, **inputs,
-    ) -> VAELoss:
-        """``inputs``: those of :meth:`embed`; the rest: see :meth:`VAEHead.loss`."""
-        return self.vae.loss(
-            self.embed(**inputs), counts, library, batch_index if self.vae.decoder.n_batch else None, labels,
-            proteins, n_samples=n_samples, objective=objective, dreg=dreg, kl_weight=kl_weight,
-            classification_weight=classification_weight, n_obs=n_obs,
-        )
-
-    @torch.no_grad()
-    def latent(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean (B, D) and, with the mixture prior, ``log p(c | z = mean)`` (B, C) (else None)."""
-        loc, _ = self.vae.posterior(self.embed(**inputs))
-        return loc, self.vae.prior.classify(loc) if self.vae.is_mixture else None
-
-    @torch.no_grad()
-    def sample_proteins(self, batch_index: torch.Tensor | None = None, n_samples: int = 64, **inputs) -> torch.Tensor:
-        """Posterior-predictive protein counts (S, B, P): ``z ~ q(z|x)``, then ``NB(mu(z), theta)`` drawn as a
-        Gamma-Poisson mixture. Uses the global random stream (seed it, or fork it, for reproducible draws)."""
-        if self.vae.protein_decoder is None:
-            raise ValueError("this VAE has no protein decoder (fine-tune with --task adt --protein_head nb)")
-        loc, scale_tril = self.vae.posterior(self.embed(**inputs))
-        z = self.vae.posterior.rsample(loc, scale_tril, n_samples)  # (S, B, D)
-        params = self.vae.protein_decoder(z, batch_index if self.vae.decoder.n_batch else None)
-        mu, theta = params["mu"].double(), params["theta"].double()
-        rate = torch.distributions.Gamma(theta, theta / mu.clamp_min(1e-10)).sample()
-        return torch.poisson(rate).float()
-
-    @torch.no_grad()
-    def marginal_log_likelihood(
-        self, counts: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None = None,
-        n_samples: int = 100, **inputs,
-    ) -> torch.Tensor:
-        return self.vae.marginal_log_likelihood(
-            self.embed(**inputs), counts, library, batch_index if self.vae.decoder.n_batch else None, n_samples
-        )
+    x = counts.double()
+    if method == "clr":
+        if reference is None or len(reference) != x.shape[-1]:
+            raise ValueError("per-protein CLR needs the reference log geometric means fitted on the training cells")
+        return torch.log1p(x / torch.exp(torch.as_tensor(reference, dtype=torch.float64, device=x.device)))
+    if method == "clr_cell":
+        return torch.log1p(x / torch.exp(torch.log1p(x).mean(-1, keepdim=True)))
+    if method == "log1p_cpt":
+        return torch.log1p(x / x.sum(-1, keepdim=True).clamp_min(1.0) * 1e3)
+    raise ValueError(f"protein_norm must be 'clr', 'clr_cell' or 'log1p_cpt', got {method!r}")

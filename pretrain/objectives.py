@@ -1,0 +1,90 @@
+"""The pretraining objectives: what each asks of the collator, and how each is scored on held-out cells.
+
+- ``mlm``: masked-gene modelling (Geneformer's objective): 15% of each cell's detected genes are chosen, the model
+  predicts their identity (its vocabulary head runs only at those positions);
+- ``mcv``: molecular cross-validation (Batson et al. 2019): each cell's counts are split binomially afresh at every
+  visit, the input half re-tokenized, and the held-out half predicted with a negative binomial;
+- ``count``: the raw count of each masked detected gene, zero-truncated negative binomial.
+
+The heads and losses are in :class:`modeling.ExpressForMaskedModeling`; the masking and splitting in
+:class:`pretrain.data.ExpressCollator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from modeling.modeling_express import IGNORE_INDEX
+from tokenizer import GeneVocab, TokenizationSpec
+
+from .data import ExpressCollator
+
+OBJECTIVES = ("mlm", "mcv", "count")
+
+
+def parse_objectives(text: str) -> list[str]:
+    """``"mlm,mcv"`` -> ``["mlm", "mcv"]``, checked against :data:`OBJECTIVES`."""
+    names = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in names if o not in OBJECTIVES]
+    if unknown or not names:
+        raise ValueError(f"--objectives must be a comma-separated subset of {OBJECTIVES}, got {text!r}")
+    return names
+
+
+def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objectives: Sequence[str], *,
+                  mlm_probability: float = 0.15, mcv_input_fraction: float = 0.5, max_length: int | None = None,
+                  seed: int = 0, pass_columns: Sequence[str] = ()) -> ExpressCollator:
+    """The collator that makes the inputs and targets of ``objectives``."""
+    masking = "mlm" in objectives or "count" in objectives
+    return ExpressCollator(
+        vocab,
+        mlm_probability=mlm_probability if masking else 0.0,
+        mcv_input_fraction=mcv_input_fraction if "mcv" in objectives else None,
+        count_targets="count" in objectives,
+        specs=specs,
+        pad_to_multiple_of=8,
+        max_length=max_length,
+        pass_columns=pass_columns,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str, float]:
+    """Held-out metrics of the objectives, over every process's cells: ``eval/mlm_loss`` and ``eval/mlm_accuracy``
+    (over masked genes), ``eval/mcv_nll`` (nats per held-out count), ``eval/count_nll``."""
+    model.eval()
+    # masked tokens, MLM loss sum, correct, held-out counts, MCV NLL sum, count targets, count NLL sum
+    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        if "mlm" not in objectives:
+            batch.pop("labels", None)
+        with accelerator.autocast():
+            out = model(**batch)
+        if out.mlm_loss is not None:
+            labels = batch["labels"]
+            n = (labels != IGNORE_INDEX).sum()
+            sums[0] += n
+            sums[1] += out.mlm_loss.double() * n
+            sums[2] += (out.logits.argmax(-1) == labels[labels != IGNORE_INDEX]).sum()
+        if out.mcv_loss is not None:
+            held = batch["mcv_counts"].double().sum()
+            sums[3] += held
+            sums[4] += out.mcv_loss.double() * held.clamp_min(1.0)
+        if out.count_loss is not None:
+            k = (batch["count_targets"] != IGNORE_INDEX).sum()
+            sums[5] += k
+            sums[6] += out.count_loss.double() * k
+    total = accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+    metrics = {}
+    if total[0] > 0:
+        metrics["eval/mlm_loss"] = total[1] / total[0]
+        metrics["eval/mlm_accuracy"] = total[2] / total[0]
+    if total[3] > 0:
+        metrics["eval/mcv_nll"] = total[4] / total[3]
+    if total[5] > 0:
+        metrics["eval/count_nll"] = total[6] / total[5]
+    return metrics
