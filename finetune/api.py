@@ -48,6 +48,7 @@ from .data import (
     collator_for,
     fit_protein_reference,
     label_categories,
+    measured_spec,
     protein_counts,
     require_obs,
     select_genes,
@@ -56,7 +57,7 @@ from .data import (
 logger = logging.getLogger(__name__)
 
 TASKS = ("cell-type", "vae", "adt")
-CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")
+CLASS_WEIGHTINGS = ("none", "balanced", "sqrt")  # "auto" tries each
 MIN_TRAINING_CELLS = 10  # fewer than this cannot be split, batched and trained in any meaningful way
 MIN_CELLS_PER_CLASS = 3
 
@@ -72,10 +73,19 @@ class TrainSettings:
             ``lr / 10`` for a pretrained one, else ``lr``).
         weight_decay, warmup_ratio, grad_clip: AdamW's decay, the warm-up share of the steps, gradient clipping.
         kl_warmup_ratio: share of the steps over which the VAE's KL weight rises to 1.
-        validation_fraction: training cells held back to choose the best epoch by their loss (0: keep the last).
+        min_steps: the fewest optimizer steps, whatever ``epochs`` gives (a 300-cell set is not trained for only
+            a hundred steps); ``max_steps`` overrides both.
+        validation_fraction: training cells held back to choose the best epoch (0: keep the last).
+        validation_key: an obs column (donors, batches): whole groups of it are held back instead of random cells,
+            so the epoch is chosen as it would score on new donors.
+        selection: what picks the epoch: ``"auto"`` -- macro-F1 for cell types, mean per-protein Pearson for
+            protein levels, the loss for the VAE -- or ``"loss"``.
         class_weighting: per-class loss weights from the training labels (cell types): ``"balanced"``
-            (``n / (C n_c)``: every class weighs as much as any other, as in macro-F1), ``"sqrt"`` (its square root)
-            or ``"none"``; stored as ``config.class_weights``.
+            (``n / (C n_c)``: every class weighs as much as any other, as in macro-F1), ``"sqrt"`` (its square root),
+            ``"none"``, or ``"auto"``: each of the three trained, the best on the validation cells kept; stored as
+            ``config.class_weights``.
+        thinning: augmentation: every training visit keeps each count with a probability drawn from
+            ``[1 - thinning, 1]`` (binomial thinning, re-tokenized), so the model sees cells at many depths.
         seed: seeds the head's initialisation, the validation split and the batches.
     """
 
@@ -88,15 +98,22 @@ class TrainSettings:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     kl_warmup_ratio: float = 0.3
+    min_steps: int = 0
     validation_fraction: float = 0.1
-    class_weighting: Literal["none", "balanced", "sqrt"] = "none"
+    validation_key: str | None = None
+    selection: Literal["auto", "loss"] = "auto"
+    class_weighting: Literal["none", "balanced", "sqrt", "auto"] = "none"
+    thinning: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.class_weighting not in CLASS_WEIGHTINGS:
-            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
+        if self.class_weighting not in (*CLASS_WEIGHTINGS, "auto"):
+            raise FinetuneDataError(f"class_weighting must be one of {CLASS_WEIGHTINGS} or 'auto', got "
+                             f"{self.class_weighting!r}")
+        if not 0.0 <= self.thinning < 1.0:
+            raise FinetuneDataError(f"thinning must be in [0, 1), got {self.thinning}")
         if self.epochs < 1 or self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("epochs, batch_size and max_steps must be >= 1")
+            raise FinetuneDataError("epochs, batch_size and max_steps must be >= 1")
 
 
 def class_weights(labels: np.ndarray, n_classes: int, method: str) -> list[float] | None:
@@ -283,11 +300,44 @@ def cells_for(adata: ad.AnnData, model: ExpressHeadPreTrainedModel, **keys):
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
-def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, accelerator=None,
-        progress: bool = True) -> list[dict]:
+def _validation_metric(model, val_cells, collator, seed: int) -> dict[str, float]:
+    """The loss on the held-back cells, and the task's own score: macro-F1 of the labelled cells (classifiers),
+    mean per-protein Pearson (protein regression)."""
+    from finetune import metrics as M
+
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(val_cells, batch_size=256, collate_fn=collator)
+    total, count, logits, labels = 0.0, 0, [], []
+    # a private, seeded random stream: every process draws the same VAE samples, so all pick the same state
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in loader:
+            out = model(**{k: v.to(device) for k, v in batch.items()})
+            n = next(iter(batch.values())).shape[0]
+            total, count = total + float(out.loss) * n, count + n
+            if out.get("logits") is not None and "labels" in batch:
+                logits.append(out.logits.float().cpu().numpy())
+                labels.append(batch["labels"].numpy())
+    metrics = {"eval/loss": total / max(count, 1)}
+    if logits and model.config.problem_type == "regression":
+        metrics["eval/pearson_per_protein"] = M.mean_pearson_per_protein(np.concatenate(logits),
+                                                                         np.concatenate(labels))
+    elif logits and not isinstance(model.config, ExpressVAEConfig):
+        y, pred = np.concatenate(labels), np.concatenate(logits).argmax(1)
+        if (y >= 0).any():
+            metrics["eval/macro_f1"] = M.macro_f1(y[y >= 0], pred[y >= 0])
+    return metrics
+
+
+def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, validation_groups=None,
+        cell_spec: TokenizationSpec | None = None, accelerator=None, progress: bool = True) -> list[dict]:
     """Train ``model`` on ``cells`` (:func:`cells_for`) with the shared loop (:func:`pretrain.loop.train`); returns
-    the log history. With a validation share, the state with the lowest validation loss is kept (for the VAE, from
-    the end of the KL warm-up on)."""
+    the log history. With validation cells (whole groups of ``validation_groups`` when given), the state that
+    scores best on them is kept (:attr:`TrainSettings.selection`; for the VAE from the end of the KL warm-up on).
+    ``cell_spec``: how the cells were tokenized, with the genes they measure (thinning re-tokenizes with it)."""
+    import copy
+
     from pretrain.data import CellDataset, LengthGroupedBatchSampler, split_cells
     from pretrain.loop import LoopSettings, train
     from pretrain.pretraining import make_accelerator
@@ -295,14 +345,36 @@ def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, ac
     accelerator = accelerator or make_accelerator(cpu=False, mixed_precision="auto", gradient_accumulation_steps=1,
                                                   report_to="none", output_dir=Path("."))
     config = model.config
-    train_idx, val_idx = split_cells(len(cells), settings.validation_fraction, settings.seed)
+    is_vae = isinstance(config, ExpressVAEConfig)
+    classifies = not is_vae and "labels" in cells.column_names and config.problem_type != "regression"
+    if settings.class_weighting == "auto" and classifies:
+        # each weighting trained from the same start; the one the validation cells score best is kept
+        start = copy.deepcopy(model.state_dict())
+        trials = []
+        for method in CLASS_WEIGHTINGS:
+            model.load_state_dict(start)
+            history = fit(model, cells, dataclasses.replace(settings, class_weighting=method),
+                          validation_groups=validation_groups, cell_spec=cell_spec, accelerator=accelerator,
+                          progress=progress)
+            best = next((h for h in reversed(history) if "best_step" in h), {})
+            trials.append((best.get("score", -np.inf), method, copy.deepcopy(model.state_dict()),
+                           copy.deepcopy(config.class_weights), history))
+        score, method, state, weights, history = max(trials, key=lambda t: t[0])
+        model.load_state_dict(state)
+        config.class_weights = weights
+        logger.info("class weighting %s chosen on the validation cells (score %.4f)", method, score)
+        return history + [{"class_weighting": method, "candidates": {m: t[0] for t, m in
+                                                                      zip(trials, CLASS_WEIGHTINGS)}}]
+    train_idx, val_idx = split_cells(len(cells), settings.validation_fraction, settings.seed,
+                                     groups=validation_groups)
     if len(val_idx) < 10 or len(train_idx) < 10:  # too few to tell epochs apart: keep the last
         train_idx, val_idx = np.arange(len(cells)), np.zeros(0, dtype=np.int64)
-    is_vae = isinstance(config, ExpressVAEConfig)
-    if not is_vae and "labels" in cells.column_names and config.problem_type != "regression":
+    if classifies:
         labels = np.asarray(cells.with_format("numpy")["labels"])[train_idx]
         config.class_weights = class_weights(labels, config.num_labels, settings.class_weighting)
     collator = collator_for(config, model.vocab, cells)
+    augmented = collator_for(config, model.vocab, cells, spec=cell_spec, thinning=settings.thinning) \
+        if settings.thinning else collator
     train_cells, val_cells = CellDataset([cells], [train_idx]), CellDataset([cells], [val_idx])
     processes = accelerator.num_processes
     batch_size = min(settings.batch_size, max(len(train_idx) // processes, 1))
@@ -312,44 +384,39 @@ def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, ac
                                         rank=accelerator.process_index, group_by_length=False, drop_last=False,
                                         even_shards=True)
     steps_per_epoch = sampler.batches_per_replica(0)
-    total = settings.max_steps or settings.epochs * steps_per_epoch
+    total = settings.max_steps or max(settings.epochs * steps_per_epoch, settings.min_steps)
     if is_vae:
         config.kl_warmup_steps = max(int(settings.kl_warmup_ratio * total), 1)
         config.n_train_cells = len(train_idx)
     encoder_lr = settings.encoder_lr
     if encoder_lr is None:  # a pretrained encoder moves slower than freshly initialised heads
         encoder_lr = settings.lr / 10 if getattr(model, "pretrained_encoder", False) else settings.lr
-    evaluations = []
+    evaluations: list[dict] = []
 
-    def validation_loss(unwrapped) -> dict[str, float]:
-        """Mean loss over the held-back training cells; the VAE's samples from a seeded stream, so that every
-        process draws the same and all pick the same state."""
-        unwrapped.eval()
-        total_loss, count = 0.0, 0
-        device = next(unwrapped.parameters()).device
-        loader = torch.utils.data.DataLoader(val_cells, batch_size=256, collate_fn=collator)
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(settings.seed + len(evaluations))
-            for batch in loader:
-                out = unwrapped(**{k: v.to(device) for k, v in batch.items()})
-                n = next(iter(batch.values())).shape[0]
-                total_loss, count = total_loss + float(out.loss) * n, count + n
-        evaluations.append(total_loss / count)
-        return {"eval/loss": evaluations[-1]}
+    def validate(unwrapped) -> dict[str, float]:
+        evaluations.append(_validation_metric(unwrapped, val_cells, collator, settings.seed + len(evaluations)))
+        return evaluations[-1]
 
+    metric = "eval/loss"
+    if settings.selection == "auto" and len(val_idx):
+        probe = _validation_metric(model, CellDataset([cells], [val_idx[:2]]), collator, settings.seed)
+        metric = next((m for m in ("eval/macro_f1", "eval/pearson_per_protein") if m in probe), metric)
+    eval_every = min(steps_per_epoch, max(total // 10, 1))  # at least every epoch and ten times in a run
     loop = LoopSettings(
         max_steps=total, learning_rate=settings.lr, encoder_learning_rate=encoder_lr,
         weight_decay=settings.weight_decay, max_grad_norm=settings.grad_clip,
-        warmup_steps=int(settings.warmup_ratio * total), logging_steps=max(steps_per_epoch, 1),
-        eval_steps=steps_per_epoch if len(val_idx) else 0, select_metric="eval/loss" if len(val_idx) else None,
-        select_from_step=config.kl_warmup_steps if is_vae else 0, progress_bar=progress, description="fine-tuning",
+        warmup_steps=int(settings.warmup_ratio * total), logging_steps=max(eval_every, 1),
+        eval_steps=eval_every if len(val_idx) else 0, select_metric=metric if len(val_idx) else None,
+        select_mode="min" if metric == "eval/loss" else "max", select_from_step=config.kl_warmup_steps if is_vae
+        else 0, progress_bar=progress, description="fine-tuning",
     )
-    loader = torch.utils.data.DataLoader(train_cells, batch_sampler=sampler, collate_fn=collator,
+    loader = torch.utils.data.DataLoader(train_cells, batch_sampler=sampler, collate_fn=augmented,
                                          generator=torch.Generator())
-    result = train(model, loader, accelerator, loop, evaluate=validation_loss if len(val_idx) else None)
+    result = train(model, loader, accelerator, loop, evaluate=validate if len(val_idx) else None)
     history = list(result.log_history)
     if result.best:
-        history.append({"best_step": result.best["step"], "validation_loss": result.best["eval/loss"]})
+        history.append({"best_step": result.best["step"], "metric": metric, "score": result.best[metric]
+                        if metric != "eval/loss" else -result.best[metric]})
     return history
 
 
@@ -368,6 +435,24 @@ def check_training_cells(cells, config) -> None:
                            len(few), MIN_CELLS_PER_CLASS, ", ".join(map(str, few[:5])))
 
 
+def train_model(task: str, adata: ad.AnnData, settings: TrainSettings, *, accelerator=None, progress: bool = True,
+                **kwargs) -> ExpressHeadPreTrainedModel:
+    """Build the head for ``task`` on ``adata`` (:func:`prepare_model`, which ``kwargs`` go to), check the training
+    cells, and train it (:func:`fit`); the returned model carries ``model.history``."""
+    net = prepare_model(task, adata, **kwargs)
+    keys = {k: kwargs.get(k) for k in ("label_key", "batch_key", "protein_obsm_key", "gene_id_key", "layer",
+                                       "labelled_key")}
+    unlabelled = [kwargs["unlabelled_category"]] if kwargs.get("unlabelled_category") is not None else []
+    tokens = net.config.encoder == "transformer"
+    cells = cells_for(adata, net, unlabelled=unlabelled, keep_counts=tokens and settings.thinning > 0, **keys)
+    check_training_cells(cells, net.config)
+    groups = require_obs(adata, settings.validation_key).to_numpy() if settings.validation_key else None
+    spec = measured_spec(adata, net.vocab, net.tokenization, gene_id_key=keys["gene_id_key"]) if tokens else None
+    net.history = fit(net, cells, settings, validation_groups=groups, cell_spec=spec, accelerator=accelerator,
+                      progress=progress)
+    return net
+
+
 def _train(task: str, adata: ad.AnnData, training: dict, **kwargs) -> ExpressHeadPreTrainedModel:
     from accelerate.utils import set_seed
 
@@ -382,14 +467,7 @@ def _train(task: str, adata: ad.AnnData, training: dict, **kwargs) -> ExpressHea
         raise TypeError(f"unknown training option(s) {unknown}{hint}; training options: {sorted(known)}")
     settings = TrainSettings(**training)
     set_seed(settings.seed)
-    net = prepare_model(task, adata, **kwargs)
-    keys = {k: kwargs.get(k) for k in ("label_key", "batch_key", "protein_obsm_key", "gene_id_key", "layer",
-                                       "labelled_key")}
-    unlabelled = [kwargs["unlabelled_category"]] if kwargs.get("unlabelled_category") is not None else []
-    cells = cells_for(adata, net, unlabelled=unlabelled, **keys)
-    check_training_cells(cells, net.config)
-    net.history = fit(net, cells, settings)
-    return net
+    return train_model(task, adata, settings, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -547,5 +625,5 @@ __all__ = [
     "TrainSettings", "cells_for", "check_training_cells", "class_weights", "embed", "fit", "fit_cell_types",
     "fit_proteins", "load_model",
     "marginal_log_likelihood", "outputs", "predict_cell_types", "predict_proteins", "prepare_model", "save_model",
-    "train_vae",
+    "train_model", "train_vae",
 ]

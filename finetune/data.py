@@ -206,14 +206,27 @@ def label_categories(values: Sequence, *, unlabelled: Sequence[str] = ()) -> lis
 # ---------------------------------------------------------------------------------------------------------------------
 # Cells for a model
 # ---------------------------------------------------------------------------------------------------------------------
+SOURCE = "adata"  # the ``source`` of cells tokenized here, which keys the genes they measure
+
+
+def measured_spec(adata: ad.AnnData, vocab: GeneVocab, spec: TokenizationSpec, *,
+                  gene_id_key: str | None = None) -> TokenizationSpec:
+    """``spec`` with the vocabulary genes ``adata`` measures (what a re-tokenization samples zeros among)."""
+    ids = vocab.encode_gene_ids(list(gene_names(adata, gene_id_key)))
+    return spec.replace(measured_genes={SOURCE: ids[ids >= 0]})
+
+
 def _tokens_in_order(adata: ad.AnnData, vocab: GeneVocab, spec: TokenizationSpec, *, gene_id_key: str | None,
-                     layer: str | None) -> pa.Table:
-    """``input_ids``/``values``/``is_zero`` of every cell of ``adata``, in its order. A cell with no gene of the
-    vocabulary (which the tokenizer leaves out) is a lone ``<cls>`` token, with a warning."""
+                     layer: str | None, keep_counts: bool = False) -> pa.Table:
+    """``input_ids``/``values``/``is_zero`` of every cell of ``adata``, in its order (and ``counts_ids``/``counts``
+    with ``keep_counts``). A cell with no gene of the vocabulary (which the tokenizer leaves out) is a lone ``<cls>``
+    token, with a warning."""
     from tokenizer import tokenize_adata
 
-    cells = tokenize_adata(adata, vocab, spec=spec, gene_id_key=gene_id_key, layer=layer)
-    table = cells.dataset.data.table.select(["input_ids", "values", "is_zero", "cell_id"])
+    cells = tokenize_adata(adata, vocab, spec=spec, gene_id_key=gene_id_key, layer=layer, keep_counts=keep_counts,
+                           source_name=SOURCE)
+    columns = ["input_ids", "values", "is_zero", "cell_id"] + (["counts_ids", "counts", "source"] if keep_counts else [])
+    table = cells.dataset.data.table.select(columns)
     position = {c: i for i, c in enumerate(table.column("cell_id").to_pylist())}
     if len(position) != len(table) or adata.obs_names.has_duplicates:
         raise FinetuneDataError("cell names (obs_names) must be unique to match tokenized cells back to them")
@@ -221,8 +234,10 @@ def _tokens_in_order(adata: ad.AnnData, vocab: GeneVocab, spec: TokenizationSpec
     missing = int((rows == len(table)).sum())
     if missing:
         logger.warning("%d cells have no gene of the model's vocabulary; they are encoded as <cls> alone", missing)
-    lone = pa.table({"input_ids": [[vocab.cls_id]], "values": [[0.0]], "is_zero": [[0]], "cell_id": [""]},
-                    schema=table.schema)
+    lone = {"input_ids": [[vocab.cls_id]], "values": [[0.0]], "is_zero": [[0]], "cell_id": [""]}
+    if keep_counts:
+        lone.update(counts_ids=[[]], counts=[[]], source=[SOURCE])
+    lone = pa.table(lone, schema=table.schema)
     return pa.concat_tables([table, lone]).take(pa.array(rows)).drop(["cell_id"])
 
 
@@ -236,10 +251,10 @@ def cells_for_model(
     adata: ad.AnnData, config, *, vocab: GeneVocab | None = None, spec: TokenizationSpec | None = None,
     label_key: str | None = None, batch_key: str | None = None, protein_obsm_key: str | None = None,
     gene_id_key: str | None = None, layer: str | None = None, unlabelled: Sequence[str] = (),
-    labelled_key: str | None = None,
+    labelled_key: str | None = None, keep_counts: bool = False,
 ):
     """``adata`` as a ``datasets.Dataset`` of what a model with ``config`` reads, one row per cell in ``adata``'s
-    order.
+    order (with ``keep_counts``, also each cell's raw counts, which thinning re-tokenizes).
 
     Columns, by what the config asks for: the tokens (``config.encoder == "transformer"``; tokenized with ``vocab``
     and ``spec``), ``panel_ids``/``panel_counts`` (raw counts of ``config.gene_panel``, sparse) and ``total_counts``
@@ -262,7 +277,7 @@ def cells_for_model(
         if spec.mode != "express":
             raise FinetuneDataError(f"this model was pretrained on {spec.mode}-mode tokens; fine-tuning tokenizes "
                                     "new cells in express mode only")
-        tokens = _tokens_in_order(adata, vocab, spec, gene_id_key=gene_id_key, layer=layer)
+        tokens = _tokens_in_order(adata, vocab, spec, gene_id_key=gene_id_key, layer=layer, keep_counts=keep_counts)
         columns.update({name: tokens.column(name).combine_chunks() for name in tokens.column_names})
     if config.gene_panel:
         panel = align_genes(counts, gene_names(adata, gene_id_key), config.gene_panel, what="data")
@@ -305,13 +320,23 @@ def cells_for_model(
     return datasets.Dataset(pa.table(columns))
 
 
-def collator_for(config, vocab: GeneVocab | None, dataset):
-    """The shared collator (no masking) that batches :func:`cells_for_model`'s rows for a model with ``config``."""
+def collator_for(config, vocab: GeneVocab | None, dataset, *, spec: TokenizationSpec | None = None,
+                 thinning: float = 0.0):
+    """The shared collator (no masking) that batches :func:`cells_for_model`'s rows for a model with ``config``.
+
+    ``thinning`` > 0: augmentation -- each visit keeps every count with a probability drawn from
+    ``[1 - thinning, 1)`` (tokens re-encoded with ``spec`` from the kept counts; the panel's counts thinned alike)."""
     from pretrain.data import ExpressCollator
 
     passed = [c for c in ("total_counts", "labels", "batch_index", "protein_counts") if c in dataset.column_names]
-    return ExpressCollator(vocab if config.encoder == "transformer" else None, mlm_probability=0.0,
-                           panel_size=len(config.gene_panel) or None, pass_columns=passed)
+    tokens = config.encoder == "transformer"
+    fraction = (1.0 - thinning, 0.999) if thinning else None
+    if thinning and tokens and "counts" not in dataset.column_names:
+        raise FinetuneDataError("thinning re-tokenizes kept counts: make the cells with keep_counts=True")
+    return ExpressCollator(vocab if tokens else None, mlm_probability=0.0, panel_size=len(config.gene_panel) or None,
+                           pass_columns=passed, mcv_input_fraction=fraction if tokens else None, mcv_targets=False,
+                           specs=[spec] if spec is not None else None,
+                           panel_thinning=fraction if thinning and not tokens else None)
 
 
 def require_obs(adata: ad.AnnData, key: str) -> pd.Series:

@@ -92,9 +92,18 @@ class FinetuneArgs:
     encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default lr / 10 if pretrained)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
-    class_weighting: Literal["none", "balanced", "sqrt"] = field(default="none", metadata={
+    class_weighting: Literal["none", "balanced", "sqrt", "auto"] = field(default="none", metadata={
         "help": "cell-type loss weights per class from the training labels: balanced = n / (C * n_c), sqrt = its "
-                "square root (small classes count more, as they do in macro-F1)"})
+                "square root (small classes count more, as they do in macro-F1), auto = the best of the three on "
+                "the validation cells"})
+    min_steps: int = field(default=0, metadata={"help": "the fewest optimizer steps, whatever --epochs gives"})
+    thinning: float = field(default=0.0, metadata={
+        "help": "augmentation: each training visit keeps every count with a probability in [1 - thinning, 1)"})
+    selection: Literal["auto", "loss"] = field(default="auto", metadata={
+        "help": "what picks the epoch on the validation cells: auto = macro-F1 (cell types), per-protein Pearson "
+                "(proteins), the loss (VAE)"})
+    validation_key: str | None = field(default=None, metadata={
+        "help": "obs column whose groups (donors, batches) the validation cells are held out by, whole"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})
@@ -176,22 +185,20 @@ def main(args: FinetuneArgs) -> dict:
                    "num_attention_heads": args.num_attention_heads, "intermediate_size": 2 * args.hidden_size}
     keys = dict(label_key=args.label_key, batch_key=args.batch_key, protein_obsm_key=args.protein_obsm_key,
                 gene_id_key=args.gene_id_key, layer=args.layer)
-    model = api.prepare_model(
-        args.task, train, model=args.model, encoder=args.encoder, n_top_genes=args.n_top_genes,
-        unlabelled_category=args.unlabelled_category, hierarchy_key=args.hierarchy_key, prior=args.prior,
-        protein_head=args.protein_head, protein_norm=args.protein_norm, freeze_layers=args.freeze_layers,
-        head=args.head(), transformer=transformer if args.model == "none" else None,
+    settings = api.TrainSettings(
+        epochs=args.epochs, max_steps=args.max_steps, min_steps=args.min_steps, batch_size=args.batch_size,
+        lr=args.lr, encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, kl_warmup_ratio=args.kl_warmup_ratio,
+        class_weighting=args.class_weighting, thinning=args.thinning, selection=args.selection,
+        validation_key=args.validation_key, seed=args.seed,
+    )
+    model = api.train_model(
+        args.task, train, settings, accelerator=accelerator, model=args.model, encoder=args.encoder,
+        n_top_genes=args.n_top_genes, unlabelled_category=args.unlabelled_category, hierarchy_key=args.hierarchy_key,
+        prior=args.prior, protein_head=args.protein_head, protein_norm=args.protein_norm,
+        freeze_layers=args.freeze_layers, head=args.head(), transformer=transformer if args.model == "none" else None,
         tokenization=_tokenization(args.tokenization), **keys,
     )
-    unlabelled = [args.unlabelled_category] if args.unlabelled_category else []
-    cells = api.cells_for(train, model, unlabelled=unlabelled, **keys)
-    api.check_training_cells(cells, model.config)
-    settings = api.TrainSettings(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, kl_warmup_ratio=args.kl_warmup_ratio,
-        class_weighting=args.class_weighting, seed=args.seed,
-    )
-    history = api.fit(model, cells, settings, accelerator=accelerator)
+    history = model.history
     if not accelerator.is_main_process:
         return {}  # evaluation and outputs happen once, on the main process
     metrics, predictions, extra = held_out_metrics(

@@ -12,7 +12,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 NORM_PLACEMENTS = ("pre", "post")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "cls_mean")
+MCV_INPUTS = ("cls", "pooled")
+MCV_NORMALIZATIONS = ("count", "cell")
 HIERARCHY_COMBINES = ("concat", "sum")
 POSITION_EMBEDDING_TYPES = ("rank", "none")
 ENCODERS = ("transformer", "mlp")
@@ -72,6 +74,13 @@ class ExpressConfig(PretrainedConfig):
             ``"concat"`` concatenates them; ``"sum"`` adds them (all widths must then equal ``gene_embedding_dim``).
         value_embedding_dim (`int`, defaults to 64):
             Hidden width of the small MLP embedding ``log1p(values)``; 0 leaves expression values out (rank only).
+        value_gating (`bool`, defaults to `False`):
+            Each gene's vector is also multiplied elementwise by ``1 + g(log1p(value))`` (a small MLP), so a token's
+            direction, which survives the LayerNorms, carries that gene's own expression level (the additive value
+            embedding is the same for every gene).
+        gene_embedding_norm (`bool`, defaults to `False`):
+            LayerNorm the gene identity vector (gene and groups, projected) before the value, zero-fraction, rank and
+            marker embeddings are added, so that identity, not rank, dominates a token at initialisation.
         use_zero_fraction (`bool`, defaults to `True`):
             Add a learned projection of each gene's corpus zero fraction (read from the ``gene_zero_fraction``
             buffer that :meth:`ExpressPreTrainedModel.set_gene_statistics` fills).
@@ -84,16 +93,28 @@ class ExpressConfig(PretrainedConfig):
             Token ids below this are special tokens, not genes (the MCV head predicts genes only).
         use_mcv_head (`bool`, defaults to `True`):
             Build the molecular-cross-validation head of :class:`ExpressForMaskedModeling`.
+        mcv_input (`str`, defaults to `"cls"`):
+            What the MCV head decodes the held-out counts from: the ``<cls>`` state or the pooled cell embedding
+            (``classifier_pooling``).
+        mcv_normalization (`str`, defaults to `"count"`):
+            ``"count"``: the MCV loss is the batch's NLL per held-out count (deep cells weigh more); ``"cell"``: each
+            cell's NLL per held-out count, averaged over cells.
+        use_contrastive_head (`bool`, defaults to `False`):
+            Build the projection head of the contrastive objective: the pooled embeddings of two views of a cell
+            (``pair_*`` inputs) should be nearer each other than other cells' (InfoNCE over the batch).
+        contrastive_dim (`int`, defaults to 64), contrastive_temperature (`float`, defaults to 0.1):
+            Width of the projection and the softmax temperature of the contrastive loss.
         use_count_head (`bool`, defaults to `True`):
             Build the zero-truncated count head of :class:`ExpressForMaskedModeling`.
-        mlm_weight, mcv_weight, count_weight (`float`, defaults to 1.0):
-            Weights of the masked-gene, MCV and count losses in the total loss (each only when its targets are
-            given).
+        mlm_weight, mcv_weight, count_weight, contrastive_weight (`float`, defaults to 1.0):
+            Weights of the masked-gene, MCV, count and contrastive losses in the total loss (each only when its
+            targets are given).
         tie_word_embeddings (`bool`, defaults to `True`):
             Share the MLM decoder's weight with the level-0 gene embedding table (as BERT ties its word embeddings).
         classifier_pooling (`str`, defaults to `"cls"`):
-            The cell embedding (``pooler_output``) the fine-tuning heads read: the ``<cls>`` state or the mean over
-            the cell's gene tokens.
+            The cell embedding (``pooler_output``): the ``<cls>`` state, the mean over the cell's detected genes
+            (special tokens and sampled zeros left out), or both concatenated (``"cls_mean"``, width
+            ``2 * hidden_size``).
         unpad_inputs (`bool`, *optional*):
             Run the encoder on the real tokens only (variable-length batches packed without padding). ``None``
             (default) does so when the batch has padding and the attention is FlashAttention, which then runs its
@@ -151,6 +172,8 @@ class ExpressConfig(PretrainedConfig):
         group_embedding_dims: list[int] | None = None,
         hierarchy_combine: str = "concat",
         value_embedding_dim: int = 64,
+        value_gating: bool = False,
+        gene_embedding_norm: bool = False,
         use_zero_fraction: bool = True,
         position_embedding_type: str = "rank",
         pad_token_id: int = 0,
@@ -159,10 +182,16 @@ class ExpressConfig(PretrainedConfig):
         eos_token_id: int = 3,
         num_special_tokens: int = 4,
         use_mcv_head: bool = True,
+        mcv_input: str = "cls",
+        mcv_normalization: str = "count",
         use_count_head: bool = True,
+        use_contrastive_head: bool = False,
+        contrastive_dim: int = 64,
+        contrastive_temperature: float = 0.1,
         mlm_weight: float = 1.0,
         mcv_weight: float = 1.0,
         count_weight: float = 1.0,
+        contrastive_weight: float = 1.0,
         tie_word_embeddings: bool = True,
         classifier_pooling: str = "cls",
         unpad_inputs: bool | None = None,
@@ -198,16 +227,24 @@ class ExpressConfig(PretrainedConfig):
         self.group_embedding_dims = [int(d) for d in group_embedding_dims]
         self.hierarchy_combine = hierarchy_combine
         self.value_embedding_dim = int(value_embedding_dim)
+        self.value_gating = bool(value_gating)
+        self.gene_embedding_norm = bool(gene_embedding_norm)
         self.use_zero_fraction = bool(use_zero_fraction)
         self.position_embedding_type = position_embedding_type
         self.mask_token_id = int(mask_token_id)
         self.cls_token_id = int(cls_token_id)
         self.num_special_tokens = int(num_special_tokens)
         self.use_mcv_head = bool(use_mcv_head)
+        self.mcv_input = mcv_input
+        self.mcv_normalization = mcv_normalization
         self.use_count_head = bool(use_count_head)
+        self.use_contrastive_head = bool(use_contrastive_head)
+        self.contrastive_dim = int(contrastive_dim)
+        self.contrastive_temperature = float(contrastive_temperature)
         self.mlm_weight = float(mlm_weight)
         self.mcv_weight = float(mcv_weight)
         self.count_weight = float(count_weight)
+        self.contrastive_weight = float(contrastive_weight)
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.classifier_pooling = classifier_pooling
         self.unpad_inputs = unpad_inputs
@@ -228,6 +265,11 @@ class ExpressConfig(PretrainedConfig):
                              "fields there are")
         super().__init__(pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id), **kwargs)
         self._validate()
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of the cell embedding (``pooler_output``)."""
+        return 2 * self.hidden_size if self.classifier_pooling == "cls_mean" else self.hidden_size
 
     @property
     def n_levels(self) -> int:
@@ -284,7 +326,14 @@ class ExpressConfig(PretrainedConfig):
               "class_weights must be >= 0")
         check(self.protein_norm in PROTEIN_NORMS,
               f"protein_norm must be one of {PROTEIN_NORMS}, got {self.protein_norm!r}")
-        for name in ("mlm_weight", "mcv_weight", "count_weight"):
+        check(self.mcv_input in MCV_INPUTS, f"mcv_input must be one of {MCV_INPUTS}, got {self.mcv_input!r}")
+        check(self.mcv_normalization in MCV_NORMALIZATIONS,
+              f"mcv_normalization must be one of {MCV_NORMALIZATIONS}, got {self.mcv_normalization!r}")
+        check(self.contrastive_dim >= 1 and self.contrastive_temperature > 0,
+              "contrastive_dim must be >= 1 and contrastive_temperature > 0")
+        check(not self.value_gating or self.value_embedding_dim > 0,
+              "value_gating needs the value embedding (value_embedding_dim > 0)")
+        for name in ("mlm_weight", "mcv_weight", "count_weight", "contrastive_weight"):
             check(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(0 < self.num_special_tokens < self.vocab_size,
               f"num_special_tokens ({self.num_special_tokens}) must lie in [1, vocab_size={self.vocab_size})")

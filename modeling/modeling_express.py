@@ -88,8 +88,9 @@ class ExpressScalarEmbedding(nn.Module):
 
 
 class ExpressEmbeddings(nn.Module):
-    """Token embedding = projection of the hierarchical gene embedding + value + zero fraction + rank position
-    + sampled-zero marker, then LayerNorm and dropout. Works on any leading shape: ``(B, T)`` or packed ``(N,)``."""
+    """Token embedding = projection of the hierarchical gene embedding (optionally LayerNorm-ed, optionally gated by
+    the gene's value) + value + zero fraction + rank position + sampled-zero marker, then LayerNorm and dropout.
+    Works on any leading shape: ``(B, T)`` or packed ``(N,)``."""
 
     ZERO_FRACTION_WIDTH = 16  # hidden width of the zero-fraction MLP: one scalar in [0, 1] needs little
 
@@ -108,6 +109,10 @@ class ExpressEmbeddings(nn.Module):
         else:
             combined = config.gene_embedding_dim
         self.gene_projection = nn.Linear(combined, config.hidden_size)
+        self.gene_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) \
+            if config.gene_embedding_norm else None
+        self.value_gate = ExpressScalarEmbedding(config.value_embedding_dim, config.hidden_size, config.hidden_act) \
+            if config.value_gating else None
         self.value_embedding = (
             ExpressScalarEmbedding(config.value_embedding_dim, config.hidden_size, config.hidden_act)
             if config.value_embedding_dim > 0
@@ -149,9 +154,15 @@ class ExpressEmbeddings(nn.Module):
             else:
                 gene = gene + sum(groups)
         x = self.gene_projection(gene)  # (..., H)
+        if self.gene_norm is not None:
+            x = self.gene_norm(x)
         dtype = x.dtype
-        if self.value_embedding is not None and values is not None:
-            x = x + self.value_embedding(torch.log1p(values.float().clamp_min(0)).to(dtype))
+        if values is not None and (self.value_embedding is not None or self.value_gate is not None):
+            level = torch.log1p(values.float().clamp_min(0)).to(dtype)  # (...,)
+            if self.value_gate is not None:  # the gene's own vector turns with its level (a direction survives LN)
+                x = x * (1.0 + self.value_gate(level))
+            if self.value_embedding is not None:
+                x = x + self.value_embedding(level)
         if self.zero_fraction_embedding is not None:
             x = x + self.zero_fraction_embedding(self.gene_zero_fraction[input_ids].to(dtype))
         zero = is_zero.unsqueeze(-1)  # (..., 1) bool
@@ -326,7 +337,8 @@ class ExpressPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["ExpressEmbeddings", "ExpressLayer"]
     # A checkpoint from one head loads into another (pretraining -> fine-tuning) without listing the other's weights.
-    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count)_head\.", r"^(hidden|classifier)\.", r"^vae\."]
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count|contrastive)_head\.", r"^(hidden|classifier)\.",
+                                          r"^vae\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -458,14 +470,20 @@ class ExpressModel(ExpressPreTrainedModel):
             )
 
     def pool(
-        self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        is_zero: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cell embedding (B, H): the ``<cls>`` state, or the mean over the cell's tokens except ``<cls>``/``<eos>``."""
-        if self.config.classifier_pooling == "cls":
+        """Cell embedding: the ``<cls>`` state (B, H), the mean over the cell's detected genes (B, H; special tokens
+        and sampled zeros left out), or both concatenated (B, 2H), as ``config.classifier_pooling`` says."""
+        pooling = self.config.classifier_pooling
+        if pooling == "cls":
             return last_hidden_state[:, 0]
-        keep = attention_mask.bool() & (input_ids != self.config.cls_token_id) & (input_ids != self.config.eos_token_id)
+        keep = attention_mask.bool() & (input_ids >= self.config.num_special_tokens)
+        if is_zero is not None:
+            keep &= ~is_zero.bool()
         keep = keep.unsqueeze(-1).to(last_hidden_state.dtype)  # (B, T, 1)
-        return (last_hidden_state * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        mean = (last_hidden_state * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, H)
+        return mean if pooling == "mean" else torch.cat([last_hidden_state[:, 0], mean], dim=-1)
 
     def forward(
         self,
@@ -554,7 +572,7 @@ class ExpressModel(ExpressPreTrainedModel):
         last_hidden_state = to_padded(self.final_norm(hidden_states))  # (B, T, H)
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
-            pooler_output=self.pool(last_hidden_state, input_ids, attention_mask),
+            pooler_output=self.pool(last_hidden_state, input_ids, attention_mask, is_zero),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -567,10 +585,10 @@ class ExpressModel(ExpressPreTrainedModel):
 class ExpressHeadTransform(nn.Module):
     """Dense -> activation -> LayerNorm, shared shape of the prediction heads' first step."""
 
-    def __init__(self, config: ExpressConfig, width: int | None = None) -> None:
+    def __init__(self, config: ExpressConfig, width: int | None = None, in_size: int | None = None) -> None:
         super().__init__()
         width = width or config.hidden_size
-        self.dense = nn.Linear(config.hidden_size, width)
+        self.dense = nn.Linear(in_size or config.hidden_size, width)
         self.act = ACT2FN[config.hidden_act]
         self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
@@ -592,21 +610,44 @@ class ExpressMLMHead(nn.Module):
 
 
 class ExpressMCVHead(nn.Module):
-    """Held-out counts from the ``<cls>`` state: each gene's share of the held-out library (softmax over genes)
-    and a learned per-gene inverse dispersion for the negative binomial."""
+    """Held-out counts from the ``<cls>`` state or the pooled cell embedding (``config.mcv_input``): each gene's
+    share of the held-out library (softmax over the genes the cell's source measures) and a learned per-gene inverse
+    dispersion for the negative binomial."""
 
     def __init__(self, config: ExpressConfig) -> None:
         super().__init__()
         self.num_special_tokens = config.num_special_tokens
-        self.transform = ExpressHeadTransform(config)
+        in_size = config.pooled_size if config.mcv_input == "pooled" else config.hidden_size
+        self.transform = ExpressHeadTransform(config, in_size=in_size)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.log_theta = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, cls_state: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(self.transform(cls_state))  # (B, V)
-        # Special tokens are not genes: they get no share of the counts.
+    def forward(self, state: torch.Tensor, gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.decoder(self.transform(state))  # (B, V)
+        # Special tokens are not genes, nor are genes the cell's source does not measure: no share of the counts.
         special = torch.arange(logits.shape[-1], device=logits.device) < self.num_special_tokens
-        return logits.masked_fill(special, -math.inf)
+        logits = logits.masked_fill(special, -math.inf)
+        return logits if gene_mask is None else logits.masked_fill(~gene_mask.bool(), -math.inf)
+
+
+class ExpressContrastiveHead(nn.Module):
+    """Projection of the pooled cell embedding for the contrastive objective (SimCLR's projection head)."""
+
+    def __init__(self, config: ExpressConfig) -> None:
+        super().__init__()
+        self.transform = ExpressHeadTransform(config, in_size=config.pooled_size)
+        self.projection = nn.Linear(config.hidden_size, config.contrastive_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.transform(pooled)).float(), dim=-1)  # (B, D) unit vectors
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE of paired unit vectors ``a[i] <-> b[i]`` (B, D) against the other cells of the batch:
+    ``(CE(a b^T / t, diag) + CE(b a^T / t, diag)) / 2``."""
+    logits = a @ b.T / temperature  # (B, B)
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 class ExpressCountHead(nn.Module):
@@ -627,11 +668,12 @@ class ExpressMaskedModelingOutput(ModelOutput):
     """Output of :class:`ExpressForMaskedModeling`; each loss is present only when its targets were given.
 
     Args:
-        loss: ``mlm_weight * mlm_loss + mcv_weight * mcv_loss + count_weight * count_loss`` over the given ones.
+        loss: the weighted sum (``mlm_weight * mlm_loss + mcv_weight * mcv_loss + ...``) over the given losses.
         mlm_loss: mean cross-entropy of the gene id over masked positions.
-        mcv_loss: negative-binomial negative log-likelihood of the held-out counts, summed over genes and cells and
-            divided by the total held-out count of the batch (nats per held-out count).
+        mcv_loss: negative-binomial negative log-likelihood of the held-out counts in nats per held-out count: over
+            the batch (``mcv_normalization="count"``), or per cell and then averaged over cells (``"cell"``).
         count_loss: mean zero-truncated NB negative log-likelihood of the masked detected genes' counts.
+        contrastive_loss: InfoNCE of the two views' projected cell embeddings against the batch's other cells.
         logits: gene logits, ``(M, vocab_size)`` at the ``M`` masked positions (``labels != -100``, row-major order)
             when ``labels`` are given, else ``(B, T, vocab_size)`` at every position.
         mcv_logits: ``(B, vocab_size)``; ``softmax(mcv_logits)`` is each gene's predicted share of held-out counts
@@ -646,6 +688,7 @@ class ExpressMaskedModelingOutput(ModelOutput):
     mlm_loss: torch.Tensor | None = None
     mcv_loss: torch.Tensor | None = None
     count_loss: torch.Tensor | None = None
+    contrastive_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     mcv_logits: torch.Tensor | None = None
     mcv_theta: torch.Tensor | None = None
@@ -658,9 +701,10 @@ class ExpressMaskedModelingOutput(ModelOutput):
 
 
 class ExpressForMaskedModeling(ExpressPreTrainedModel):
-    """The encoder with its pretraining heads: masked-gene prediction (MLM), molecular cross-validation (MCV) and
-    zero-truncated counts of masked genes. Heads run when their targets are given; with no targets at all (inference)
-    every head runs and returns its predictions."""
+    """The encoder with its pretraining heads: masked-gene prediction (MLM), molecular cross-validation (MCV, from
+    ``<cls>`` or the pooled cell embedding), zero-truncated counts of masked genes, and the contrastive agreement of
+    two views of a cell. Heads run when their targets are given; with no targets at all (inference) the token and MCV
+    heads run and return their predictions."""
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "express.embeddings.gene_embeddings.weight"}
 
@@ -670,6 +714,7 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         self.mlm_head = ExpressMLMHead(config)
         self.mcv_head = ExpressMCVHead(config) if config.use_mcv_head else None
         self.count_head = ExpressCountHead(config) if config.use_count_head else None
+        self.contrastive_head = ExpressContrastiveHead(config) if config.use_contrastive_head else None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -684,8 +729,13 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         labels: torch.Tensor | None = None,
         mcv_counts: torch.Tensor | None = None,
         mcv_library_size: torch.Tensor | None = None,
+        mcv_gene_mask: torch.Tensor | None = None,
         count_targets: torch.Tensor | None = None,
         library_size: torch.Tensor | None = None,
+        pair_input_ids: torch.Tensor | None = None,
+        pair_values: torch.Tensor | None = None,
+        pair_is_zero: torch.Tensor | None = None,
+        pair_attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -698,9 +748,13 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
             mcv_counts (`(B, vocab_size)`): held-out counts per token id -> ``mcv_loss``.
             mcv_library_size (`(B,)`): the held-out library size that scales the NB mean
                 ``mcv_library_size * softmax(mcv_logits)``; defaults to ``mcv_counts.sum(-1)``.
+            mcv_gene_mask (`(B, vocab_size)` bool): the genes each cell's source file measures; the held-out
+                library is spread over them only. Default: every gene.
             count_targets (`(B, T)`): raw counts (>= 1) of masked detected genes, -100 elsewhere -> ``count_loss``.
             library_size (`(B,)`): each cell's library size, scaling the count head's mean; required with
                 ``count_targets``.
+            pair_input_ids, pair_values, pair_is_zero, pair_attention_mask (`(B, T')`): a second view of each cell
+                -> ``contrastive_loss`` between the two views' cell embeddings.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.express(
@@ -708,7 +762,7 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True, **kwargs,
         )
         sequence = outputs.last_hidden_state  # (B, T, H)
-        inference = labels is None and mcv_counts is None and count_targets is None
+        inference = labels is None and mcv_counts is None and count_targets is None and pair_input_ids is None
         losses: dict[str, torch.Tensor] = {}
         logits = mcv_logits = mcv_theta = count_mean = count_theta = None
 
@@ -725,7 +779,8 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         if mcv_counts is not None or (inference and self.mcv_head is not None):
             if self.mcv_head is None:
                 raise ValueError("mcv_counts were given but the model has no MCV head (config.use_mcv_head=False)")
-            mcv_logits = self.mcv_head(sequence[:, 0])  # (B, V)
+            state = outputs.pooler_output if self.config.mcv_input == "pooled" else sequence[:, 0]
+            mcv_logits = self.mcv_head(state, mcv_gene_mask)  # (B, V)
             mcv_theta = self.mcv_head.log_theta.float().exp()  # (V,)
             if mcv_counts is not None:
                 losses["mcv"] = self.mcv_loss(mcv_logits, mcv_theta, mcv_counts, mcv_library_size)
@@ -756,13 +811,24 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
                 if library_size is not None:
                     count_mean = count_mean * library_size.float().unsqueeze(1)
 
-        weights = {"mlm": self.config.mlm_weight, "mcv": self.config.mcv_weight, "count": self.config.count_weight}
+        if pair_input_ids is not None:
+            if self.contrastive_head is None:
+                raise ValueError("a second view was given but the model has no contrastive head "
+                                 "(config.use_contrastive_head=False)")
+            pair = self.express(pair_input_ids, values=pair_values, is_zero=pair_is_zero,
+                                attention_mask=pair_attention_mask, return_dict=True).pooler_output
+            losses["contrastive"] = info_nce(self.contrastive_head(outputs.pooler_output), self.contrastive_head(pair),
+                                             self.config.contrastive_temperature)
+
+        weights = {"mlm": self.config.mlm_weight, "mcv": self.config.mcv_weight, "count": self.config.count_weight,
+                   "contrastive": self.config.contrastive_weight}
         loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
         output = ExpressMaskedModelingOutput(
             loss=loss,
             mlm_loss=losses.get("mlm"),
             mcv_loss=losses.get("mcv"),
             count_loss=losses.get("count"),
+            contrastive_loss=losses.get("contrastive"),
             logits=logits,
             mcv_logits=mcv_logits,
             mcv_theta=mcv_theta,
@@ -782,7 +848,22 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         mcv_counts: torch.Tensor,
         mcv_library_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """NB negative log-likelihood of held-out counts, per held-out count (:class:`ExpressMaskedModelingOutput`)."""
+        """NB negative log-likelihood of held-out counts, per held-out count (:class:`ExpressMaskedModelingOutput`):
+        of the batch, or of each cell and then averaged over the cells that hold something out."""
+        nll, held = self.mcv_cell_nll(mcv_logits, mcv_theta, mcv_counts, mcv_library_size)
+        if self.config.mcv_normalization == "cell":
+            scored = held > 0
+            return (nll[scored] / held[scored]).sum() / scored.sum().clamp_min(1)
+        return nll.sum() / held.sum().clamp_min(1.0)
+
+    def mcv_cell_nll(
+        self,
+        mcv_logits: torch.Tensor,
+        mcv_theta: torch.Tensor,
+        mcv_counts: torch.Tensor,
+        mcv_library_size: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each cell's NB negative log-likelihood of its held-out counts (B,) and its held-out count (B,)."""
         if mcv_counts.shape != mcv_logits.shape:
             raise ValueError(
                 f"mcv_counts must have shape (batch, vocab_size) = {tuple(mcv_logits.shape)}, "
@@ -792,9 +873,10 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         counts = mcv_counts[:, n:].float()  # (B, G) genes only
         library = counts.sum(-1) if mcv_library_size is None else mcv_library_size.float()  # (B,)
         mean = library.unsqueeze(-1) * torch.softmax(mcv_logits[:, n:].float(), dim=-1)  # (B, G)
-        nll = -log_nb(counts, mean, mcv_theta[n:].unsqueeze(0)).sum()
-        return nll / counts.sum().clamp_min(1.0)
-
+        # genes outside a cell's source (share 0) hold no counts and are not scored
+        scored_genes = torch.isfinite(mcv_logits[:, n:])
+        nll = torch.where(scored_genes, -log_nb(counts, mean, mcv_theta[n:].unsqueeze(0)), 0.0).sum(-1)  # (B,)
+        return nll, counts.sum(-1)
 
 __all__ = [
     "ExpressForMaskedModeling",

@@ -58,7 +58,7 @@ class ExpressHeadPreTrainedModel(ExpressPreTrainedModel):
         super().__init__(config)
         if config.encoder == "transformer":
             self.express: nn.Module = ExpressModel(config)
-            self.embedding_size = config.hidden_size
+            self.embedding_size = config.pooled_size
         else:
             self.express = MLPCellEncoder(len(config.gene_panel), n_hidden=config.mlp_hidden_size,
                                           n_layers=config.mlp_layers, dropout=config.head_dropout,

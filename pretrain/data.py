@@ -396,13 +396,19 @@ class ExpressCollator:
     With a vocabulary, the token columns become ``input_ids`` (B, T) long, ``values`` (B, T) float32, ``is_zero``
     (B, T) long and ``attention_mask`` (B, T) long. Optionally:
 
-    - MCV (``mcv_input_fraction`` = p): each cell's kept counts are split ``x' ~ Binomial(x, p)``, ``x'' = x - x'``
-      (the counts outside the vocabulary, ``total_counts - sum(x)``, are split the same way, so the input's library
-      size is ``sum(x') + outside'``). ``x'`` is re-tokenized with its dataset's spec
-      (:func:`tokenizer.encode_count_rows`, zeros sampled among the genes the cell's source measures) and becomes the
-      input; ``mcv_counts``
-      (B, vocab_size) float32 holds ``x''`` and ``mcv_library_size`` (B,) its total over the vocabulary genes.
-      Needs ``counts_ids``/``counts``.
+    - a binomial split (``mcv_input_fraction`` = p, or a ``(low, high)`` range from which each visit draws its own p):
+      each cell's kept counts are split ``x' ~ Binomial(x, p)``, ``x'' = x - x'`` (the counts outside the
+      vocabulary, ``total_counts - sum(x)``, are split the same way, so the input's library size is
+      ``sum(x') + outside'``). ``x'`` is re-tokenized with its dataset's spec (:func:`tokenizer.encode_count_rows`,
+      zeros sampled among the genes the cell's source measures) and becomes the input. With ``mcv_targets``,
+      ``mcv_counts`` (B, vocab_size) float32 holds ``x''`` and ``mcv_library_size`` (B,) its total over the
+      vocabulary. ``mcv_unsplit_fraction`` of the visits instead feed the whole cell and target the whole cell
+      (so the model also sees full-depth inputs, as at evaluation). Needs ``counts_ids``/``counts``.
+    - ``mcv_gene_mask``: ``mcv_gene_mask`` (B, vocab_size) bool, the genes each cell's source measures.
+    - a second view of each cell for the contrastive objective (``pair_view``): ``"split"`` tokenizes the held-out
+      half ``x''`` (two independent halves of one cell), ``"noise"`` the same tokens with values multiplied by
+      ``exp(noise_scale * N(0, 1))``; as ``pair_input_ids``, ``pair_values``, ``pair_is_zero``,
+      ``pair_attention_mask``.
     - MLM (``mlm_probability`` > 0): each maskable token (a detected gene; sampled zeros too when
       ``mask_sampled_zeros``) is chosen with that probability (at least one per cell); of those, 80% become
       ``<mask>`` (value set to 0, so neither the identity nor the level leaks), 10% a random gene token, 10% stay.
@@ -412,13 +418,14 @@ class ExpressCollator:
       model's input (-100 elsewhere), read from the kept counts, and ``library_size`` (B,) the input's library size.
     - a gene panel (``panel_size``): the sparse ``panel_ids``/``panel_counts`` columns become ``gene_counts``
       (B, panel_size) float32, the raw counts of the model's panel genes (the MLP encoder's input, the VAE decoder's
-      target).
+      target); ``panel_thinning`` ``(low, high)`` thins them binomially with a p drawn per visit (augmentation; the
+      cell's ``total_counts`` scales by p).
     - ``pass_columns``: further row fields (scalars or fixed-length lists) passed through as tensors under their own
       names (``labels``, ``batch_index``, ``protein_targets``, ``total_counts``, ...).
 
     Args:
         vocab: the datasets' vocabulary; ``None`` for rows without tokens (the MLP encoder).
-        specs: the tokenization spec per ``dataset_index`` (``Corpus.specs``); MCV re-tokenizes with them.
+        specs: the tokenization spec per ``dataset_index`` (``Corpus.specs``); a split re-tokenizes with them.
         seed: seeds the fallback generator used for rows without a ``sample_seed``.
     """
 
@@ -427,12 +434,18 @@ class ExpressCollator:
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
     mask_sampled_zeros: bool = False
-    mcv_input_fraction: float | None = None
+    mcv_input_fraction: float | tuple[float, float] | None = None
+    mcv_targets: bool = True
+    mcv_unsplit_fraction: float = 0.0
+    mcv_gene_mask: bool = False
+    pair_view: str | None = None
+    noise_scale: float = 0.5
     count_targets: bool = False
     specs: Sequence[TokenizationSpec] | None = None
     pad_to_multiple_of: int | None = 8
     max_length: int | None = None
     panel_size: int | None = None
+    panel_thinning: tuple[float, float] | None = None
     pass_columns: Sequence[str] = ()
     seed: int = 0
 
@@ -442,14 +455,26 @@ class ExpressCollator:
         if self.mask_token_fraction < 0 or self.random_token_fraction < 0 or \
                 self.mask_token_fraction + self.random_token_fraction > 1.0:
             raise ValueError("mask_token_fraction and random_token_fraction must be >= 0 and add up to at most 1")
-        if self.mcv_input_fraction is not None and not 0.0 < self.mcv_input_fraction < 1.0:
-            raise ValueError(f"mcv_input_fraction must be in (0, 1), got {self.mcv_input_fraction}")
+        if self.mcv_input_fraction is not None:
+            low, high = (self.mcv_input_fraction,) * 2 if np.isscalar(self.mcv_input_fraction) else \
+                self.mcv_input_fraction
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(f"mcv_input_fraction must be in (0, 1) (or a range in it), got "
+                                 f"{self.mcv_input_fraction}")
+            self._fraction = (float(low), float(high))
+        if not 0.0 <= self.mcv_unsplit_fraction < 1.0:
+            raise ValueError(f"mcv_unsplit_fraction must be in [0, 1), got {self.mcv_unsplit_fraction}")
+        if self.pair_view not in (None, "split", "noise"):
+            raise ValueError(f"pair_view must be None, 'split' or 'noise', got {self.pair_view!r}")
+        if self.pair_view == "split" and self.mcv_input_fraction is None:
+            raise ValueError("pair_view='split' pairs the two halves of a binomial split: set mcv_input_fraction")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.mcv_input_fraction is not None and not self.specs:
             raise ValueError("MCV re-tokenizes cells as their dataset was tokenized: pass specs=corpus.specs")
-        if self.vocab is None and (self.mlm_probability > 0 or self.mcv_input_fraction is not None):
-            raise ValueError("MLM and MCV work on tokens: pass the datasets' vocabulary")
+        if self.vocab is None and (self.mlm_probability > 0 or self.mcv_input_fraction is not None or
+                                   self.pair_view is not None):
+            raise ValueError("MLM, MCV and second views work on tokens: pass the datasets' vocabulary")
         if self.count_targets and self.mlm_probability <= 0:
             raise ValueError("count targets are the counts of masked genes: they need mlm_probability > 0")
         self.specs = list(self.specs or [TokenizationSpec()])
@@ -475,14 +500,42 @@ class ExpressCollator:
             raise ValueError(f"row from dataset {dataset_index} but the collator knows {len(self.specs)} specs")
         return self.specs[dataset_index]
 
-    def _mcv_split(self, rows, rngs) -> tuple[list[dict], np.ndarray, np.ndarray]:
-        """Binomially split every row's counts; return re-tokenized rows (their kept counts the input half), the
-        held-out counts and their library sizes."""
-        p = float(self.mcv_input_fraction)
+    def _candidates(self, row: Mapping) -> np.ndarray:
+        found = self._spec(int(row.get("dataset_index", 0))).zero_candidates(row.get("source"))
+        return self.vocab.gene_token_ids if found is None else found
+
+    def _retokenize(self, rows: Sequence[Mapping], ids: list[np.ndarray], counts: list[np.ndarray],
+                    totals: np.ndarray, seeds: np.ndarray) -> list[dict]:
+        """``rows`` with their tokens re-encoded from the given counts (one encoder call per dataset and source)."""
+        out = [dict(r) for r in rows]
+        groups: dict[tuple[int, str | None], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((int(row.get("dataset_index", 0)), row.get("source")), []).append(i)
+        for (dataset_index, _), members in groups.items():
+            spec = self._spec(dataset_index)
+            tokens = encode_count_rows(
+                [ids[i] for i in members], [counts[i] for i in members],
+                # a cell whose split kept nothing gets total 1 so it encodes as <cls> + sampled zeros
+                np.maximum(totals[members], 1.0), self._medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
+                zero_candidates=self._candidates(rows[members[0]]), cell_seeds=seeds[members],
+                cls_id=self.vocab.cls_id if spec.add_cls else None,
+                eos_id=self.vocab.eos_id if spec.add_eos else None, target_sum=spec.target_sum,
+            )
+            for j, i in enumerate(members):
+                ids_j, values_j, zero_j = tokens.cell(j)
+                out[i].update(input_ids=ids_j, values=values_j, is_zero=zero_j, counts_ids=ids[i],
+                              counts=counts[i], total_counts=float(totals[i]))
+        return out
+
+    def _split(self, rows, rngs) -> tuple[list[dict], list[dict] | None, np.ndarray, np.ndarray]:
+        """Binomially split every row's counts; return the re-tokenized input rows, the re-tokenized held-out halves
+        (for ``pair_view="split"``), the held-out counts (B, V) and their library sizes (B,)."""
+        low, high = self._fraction
         n = len(rows)
         held_out = np.zeros((n, self.vocab.vocab_size), dtype=np.float32)
         held_out_library = np.zeros(n, dtype=np.float64)
-        kept_ids, kept_counts, kept_totals, zero_seeds = [], [], np.zeros(n), np.zeros(n, dtype=np.uint64)
+        kept = {"ids": [], "counts": [], "totals": np.zeros(n), "seeds": np.zeros(n, dtype=np.uint64)}
+        rest = {"ids": [], "counts": [], "totals": np.zeros(n), "seeds": np.zeros(n, dtype=np.uint64)}
         for i, (row, rng) in enumerate(zip(rows, rngs)):
             if "counts_ids" not in row or "counts" not in row:
                 raise DatasetFormatError(
@@ -491,41 +544,27 @@ class ExpressCollator:
                 )
             ids = np.asarray(row["counts_ids"], dtype=np.int64)
             x = np.asarray(row["counts"], dtype=np.int64)
-            total = float(row["total_counts"])
-            outside = max(int(round(total)) - int(x.sum()), 0)  # library size outside the vocabulary
+            outside = max(int(round(float(row["total_counts"]))) - int(x.sum()), 0)  # library outside the vocabulary
+            p = low if low == high else rng.uniform(low, high)
             x_in = rng.binomial(x, p)
             outside_in = int(rng.binomial(outside, p))
-            held_out[i, ids] = x - x_in
+            unsplit = self.mcv_unsplit_fraction > 0 and rng.random() < self.mcv_unsplit_fraction
+            target = x if unsplit else x - x_in  # an unsplit visit reads the whole cell and targets the whole cell
+            held_out[i, ids] = target
             # the model spreads this library over vocabulary genes only, so it excludes the held-out counts outside
             # the vocabulary (those still shape the input's library size below)
-            held_out_library[i] = x.sum() - x_in.sum()
-            keep = x_in > 0
-            kept_ids.append(ids[keep])
-            kept_counts.append(x_in[keep])
-            kept_totals[i] = x_in.sum() + outside_in
-            zero_seeds[i] = rng.integers(2**63, dtype=np.uint64)
-        new_rows = [dict(r) for r in rows]
-        groups: dict[tuple[int, str | None], list[int]] = {}  # one encoder call per dataset and source file
-        for i, row in enumerate(rows):
-            groups.setdefault((int(row.get("dataset_index", 0)), row.get("source")), []).append(i)
-        for (dataset_index, source), members in groups.items():
-            spec = self._spec(dataset_index)
-            candidates = spec.zero_candidates(source)
-            if candidates is None:
-                candidates = self.vocab.gene_token_ids
-            tokens = encode_count_rows(
-                [kept_ids[i] for i in members], [kept_counts[i] for i in members],
-                # a cell whose split kept nothing gets total 1 so it encodes as <cls> + sampled zeros
-                np.maximum(kept_totals[members], 1.0), self._medians,
-                top_k=spec.top_k, n_zeros=spec.n_zeros, zero_candidates=candidates,
-                cell_seeds=zero_seeds[members], cls_id=self.vocab.cls_id if spec.add_cls else None,
-                eos_id=self.vocab.eos_id if spec.add_eos else None, target_sum=spec.target_sum,
-            )
-            for j, i in enumerate(members):
-                ids_j, values_j, zero_j = tokens.cell(j)
-                new_rows[i].update(input_ids=ids_j, values=values_j, is_zero=zero_j, counts_ids=kept_ids[i],
-                                   counts=kept_counts[i], total_counts=float(kept_totals[i]))
-        return new_rows, held_out, held_out_library
+            held_out_library[i] = target.sum()
+            x_input, outside_input = (x, outside) if unsplit else (x_in, outside_in)
+            for part, counts, other in ((kept, x_input, outside_input), (rest, x - x_in, outside - outside_in)):
+                keep = counts > 0
+                part["ids"].append(ids[keep])
+                part["counts"].append(counts[keep])
+                part["totals"][i] = counts.sum() + other
+                part["seeds"][i] = rng.integers(2**63, dtype=np.uint64)
+        inputs = self._retokenize(rows, kept["ids"], kept["counts"], kept["totals"], kept["seeds"])
+        halves = self._retokenize(rows, rest["ids"], rest["counts"], rest["totals"], rest["seeds"]) \
+            if self.pair_view == "split" else None
+        return inputs, halves, held_out, held_out_library
 
     def _mask(self, ids: np.ndarray, is_zero: np.ndarray,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -558,7 +597,9 @@ class ExpressCollator:
         found = where & (kept_ids[position] == ids) if len(kept_ids) else np.zeros_like(where)
         return np.where(found, kept[position] if len(kept) else 0, np.float32(IGNORE_INDEX)).astype(np.float32)
 
-    def _tokens(self, rows, rngs, batch: dict[str, torch.Tensor]) -> None:
+    def _tokens(self, rows, rngs, batch: dict[str, torch.Tensor], *, prefix: str = "", masking: bool = True) -> None:
+        """Pad the rows' tokens into ``batch`` (MLM masking and count targets when ``masking``)."""
+        mlm = masking and self.mlm_probability > 0
         cells = []
         for row, rng in zip(rows, rngs):
             ids = np.asarray(row["input_ids"], dtype=np.int64)
@@ -567,7 +608,7 @@ class ExpressCollator:
             if self.max_length is not None and len(ids) > self.max_length:
                 ids, values, is_zero = ids[:self.max_length], values[:self.max_length], is_zero[:self.max_length]
             labels = counts = None
-            if self.mlm_probability > 0:
+            if mlm:
                 new_ids, labels, masked = self._mask(ids, is_zero, rng)
                 if self.count_targets:
                     counts = self._counts_of(row, ids, (labels != IGNORE_INDEX) & (is_zero == 0))
@@ -583,8 +624,8 @@ class ExpressCollator:
         values = np.zeros((n, longest), dtype=np.float32)
         is_zero = np.zeros((n, longest), dtype=np.int64)
         attention = np.zeros((n, longest), dtype=np.int64)
-        labels = np.full((n, longest), IGNORE_INDEX, dtype=np.int64) if self.mlm_probability > 0 else None
-        counts = np.full((n, longest), IGNORE_INDEX, dtype=np.float32) if self.count_targets else None
+        labels = np.full((n, longest), IGNORE_INDEX, dtype=np.int64) if mlm else None
+        counts = np.full((n, longest), IGNORE_INDEX, dtype=np.float32) if mlm and self.count_targets else None
         for i, (c_ids, c_values, c_zero, c_labels, c_counts) in enumerate(cells):
             t = len(c_ids)
             input_ids[i, :t], values[i, :t], is_zero[i, :t], attention[i, :t] = c_ids, c_values, c_zero, 1
@@ -592,29 +633,54 @@ class ExpressCollator:
                 labels[i, :t] = c_labels
             if counts is not None:
                 counts[i, :t] = c_counts
-        batch.update(input_ids=torch.from_numpy(input_ids), values=torch.from_numpy(values),
-                     is_zero=torch.from_numpy(is_zero), attention_mask=torch.from_numpy(attention))
+        batch.update({f"{prefix}input_ids": torch.from_numpy(input_ids), f"{prefix}values": torch.from_numpy(values),
+                      f"{prefix}is_zero": torch.from_numpy(is_zero),
+                      f"{prefix}attention_mask": torch.from_numpy(attention)})
         if labels is not None:
             batch["labels"] = torch.from_numpy(labels)
         if counts is not None:
             batch["count_targets"] = torch.from_numpy(counts)
             batch["library_size"] = torch.tensor([float(r["total_counts"]) for r in rows], dtype=torch.float32)
 
+    def _gene_mask(self, rows) -> torch.Tensor:
+        mask = np.zeros((len(rows), self.vocab.vocab_size), dtype=bool)
+        for i, row in enumerate(rows):
+            mask[i, self._candidates(row)] = True
+            mask[i, np.asarray(row.get("counts_ids", []), dtype=np.int64)] = True  # (a detected gene is measured)
+        return torch.from_numpy(mask)
+
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
         rngs = self._row_generators(rows)
         batch: dict[str, torch.Tensor] = {}
+        if self.mcv_gene_mask:
+            batch["mcv_gene_mask"] = self._gene_mask(rows)
+        halves = None
         if self.mcv_input_fraction is not None:
-            rows, held_out, held_out_library = self._mcv_split(rows, rngs)
-            batch["mcv_counts"] = torch.from_numpy(held_out)
-            batch["mcv_library_size"] = torch.from_numpy(held_out_library.astype(np.float32))
+            rows, halves, held_out, held_out_library = self._split(rows, rngs)
+            if self.mcv_targets:
+                batch["mcv_counts"] = torch.from_numpy(held_out)
+                batch["mcv_library_size"] = torch.from_numpy(held_out_library.astype(np.float32))
         if self.vocab is not None:
             self._tokens(rows, rngs, batch)
+        if self.pair_view == "split":
+            self._tokens(halves, rngs, batch, prefix="pair_", masking=False)
+        elif self.pair_view == "noise":
+            noisy = [dict(r, values=np.asarray(r["values"], dtype=np.float32) *
+                          np.exp(self.noise_scale * rng.standard_normal(len(r["values"]))).astype(np.float32))
+                     for r, rng in zip(rows, rngs)]
+            self._tokens(noisy, rngs, batch, prefix="pair_", masking=False)
         if self.panel_size is not None:
             dense = np.zeros((len(rows), self.panel_size), dtype=np.float32)
-            for i, row in enumerate(rows):
-                dense[i, np.asarray(row["panel_ids"], dtype=np.int64)] = row["panel_counts"]
+            rows = [dict(r) for r in rows]
+            for i, (row, rng) in enumerate(zip(rows, rngs)):
+                counts = np.asarray(row["panel_counts"], dtype=np.float32)
+                if self.panel_thinning is not None:
+                    p = rng.uniform(*self.panel_thinning)
+                    counts = rng.binomial(np.rint(counts).astype(np.int64), p).astype(np.float32)
+                    row["total_counts"] = float(row["total_counts"]) * p
+                dense[i, np.asarray(row["panel_ids"], dtype=np.int64)] = counts
             batch["gene_counts"] = torch.from_numpy(dense)
         for name in self.pass_columns:
             batch[name] = torch.as_tensor(np.stack([np.asarray(r[name]) for r in rows]))

@@ -4,7 +4,9 @@
   predicts their identity (its vocabulary head runs only at those positions);
 - ``mcv``: molecular cross-validation (Batson et al. 2019): each cell's counts are split binomially afresh at every
   visit, the input half re-tokenized, and the held-out half predicted with a negative binomial;
-- ``count``: the raw count of each masked detected gene, zero-truncated negative binomial.
+- ``count``: the raw count of each masked detected gene, zero-truncated negative binomial;
+- ``contrastive``: the cell embeddings of two views of a cell (the two halves of a binomial split, or two noisy
+  copies of its values) should be nearer each other than other cells' (InfoNCE over the batch).
 
 The heads and losses are in :class:`modeling.ExpressForMaskedModeling`; the masking and splitting in
 :class:`pretrain.data.ExpressCollator`.
@@ -21,7 +23,7 @@ from tokenizer import GeneVocab, TokenizationSpec
 
 from .data import ExpressCollator
 
-OBJECTIVES = ("mlm", "mcv", "count")
+OBJECTIVES = ("mlm", "mcv", "count", "contrastive")
 
 
 def parse_objectives(text: str) -> list[str]:
@@ -34,14 +36,26 @@ def parse_objectives(text: str) -> list[str]:
 
 
 def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objectives: Sequence[str], *,
-                  mlm_probability: float = 0.15, mcv_input_fraction: float = 0.5, max_length: int | None = None,
-                  seed: int = 0, pass_columns: Sequence[str] = ()) -> ExpressCollator:
-    """The collator that makes the inputs and targets of ``objectives``."""
+                  mlm_probability: float = 0.15, mcv_input_fraction: float = 0.5, mcv_fraction_jitter: float = 0.0,
+                  mcv_unsplit_fraction: float = 0.0, contrastive_view: str = "split", mcv_gene_mask: bool = False,
+                  max_length: int | None = None, seed: int = 0, pass_columns: Sequence[str] = ()) -> ExpressCollator:
+    """The collator that makes the inputs and targets of ``objectives``: each visit's split fraction is drawn from
+    ``mcv_input_fraction +- mcv_fraction_jitter``; ``mcv_unsplit_fraction`` of the visits read and target the whole
+    cell."""
     masking = "mlm" in objectives or "count" in objectives
+    split = "mcv" in objectives or ("contrastive" in objectives and contrastive_view == "split")
+    fraction = None
+    if split:
+        fraction = mcv_input_fraction if not mcv_fraction_jitter else \
+            (mcv_input_fraction - mcv_fraction_jitter, mcv_input_fraction + mcv_fraction_jitter)
     return ExpressCollator(
         vocab,
         mlm_probability=mlm_probability if masking else 0.0,
-        mcv_input_fraction=mcv_input_fraction if "mcv" in objectives else None,
+        mcv_input_fraction=fraction,
+        mcv_targets="mcv" in objectives,
+        mcv_unsplit_fraction=mcv_unsplit_fraction if "mcv" in objectives else 0.0,
+        mcv_gene_mask=mcv_gene_mask and "mcv" in objectives,
+        pair_view=contrastive_view if "contrastive" in objectives else None,
         count_targets="count" in objectives,
         specs=specs,
         pad_to_multiple_of=8,
@@ -54,10 +68,12 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
 @torch.no_grad()
 def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str, float]:
     """Held-out metrics of the objectives, over every process's cells: ``eval/mlm_loss`` and ``eval/mlm_accuracy``
-    (over masked genes), ``eval/mcv_nll`` (nats per held-out count), ``eval/count_nll``."""
+    (over masked genes), ``eval/mcv_nll`` (nats per held-out count over all cells) and ``eval/mcv_nll_cell`` (per
+    held-out count of each cell, averaged over cells), ``eval/count_nll``, ``eval/contrastive_loss``."""
     model.eval()
-    # masked tokens, MLM loss sum, correct, held-out counts, MCV NLL sum, count targets, count NLL sum
-    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    # masked tokens, MLM loss sum, correct, held-out counts, MCV NLL sum, count targets, count NLL sum, cells with a
+    # held-out count, their per-count NLL sum, contrastive batches, contrastive loss sum
+    sums = torch.zeros(11, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         if "mlm" not in objectives:
@@ -71,13 +87,20 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
             sums[1] += out.mlm_loss.double() * n
             sums[2] += (out.logits.argmax(-1) == labels[labels != IGNORE_INDEX]).sum()
         if out.mcv_loss is not None:
-            held = batch["mcv_counts"].double().sum()
-            sums[3] += held
-            sums[4] += out.mcv_loss.double() * held.clamp_min(1.0)
+            nll, held = model.mcv_cell_nll(out.mcv_logits, out.mcv_theta, batch["mcv_counts"],
+                                           batch.get("mcv_library_size"))
+            sums[3] += held.double().sum()
+            sums[4] += nll.double().sum()
+            scored = held > 0
+            sums[7] += scored.sum()
+            sums[8] += (nll[scored] / held[scored]).double().sum()
         if out.count_loss is not None:
             k = (batch["count_targets"] != IGNORE_INDEX).sum()
             sums[5] += k
             sums[6] += out.count_loss.double() * k
+        if out.contrastive_loss is not None:
+            sums[9] += 1
+            sums[10] += out.contrastive_loss.double()
     total = accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
     metrics = {}
     if total[0] > 0:
@@ -85,6 +108,9 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
         metrics["eval/mlm_accuracy"] = total[2] / total[0]
     if total[3] > 0:
         metrics["eval/mcv_nll"] = total[4] / total[3]
+        metrics["eval/mcv_nll_cell"] = total[8] / max(total[7], 1.0)
     if total[5] > 0:
         metrics["eval/count_nll"] = total[6] / total[5]
+    if total[9] > 0:
+        metrics["eval/contrastive_loss"] = total[10] / total[9]
     return metrics

@@ -89,7 +89,14 @@ class PretrainArgs:
     num_hidden_layers: int = field(default=4, metadata={"help": "encoder layers"})
     num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
     intermediate_size: int = field(default=256, metadata={"help": "feed-forward width"})
-    dropout: float = field(default=0.02, metadata={"help": "hidden and attention dropout"})
+    dropout: float = field(default=0.02, metadata={"help": "hidden dropout (embeddings and residual branches)"})
+    attention_dropout: float = field(default=0.0, metadata={
+        "help": "dropout on attention probabilities (any > 0 sends CPU SDPA to its slow, unfused path)"})
+    pooling: Literal["cls", "mean", "cls_mean"] = field(default="cls", metadata={
+        "help": "the cell embedding: <cls>, the mean over detected genes, or both concatenated"})
+    value_gating: bool = field(default=False, metadata={"help": "each gene's vector is gated by its own value"})
+    gene_embedding_norm: bool = field(default=False, metadata={
+        "help": "LayerNorm the gene identity before the value, rank and marker embeddings are added"})
     model_config: str | None = field(default=None, metadata={
         "help": "JSON file (or inline JSON) of further ExpressConfig fields, overriding the ones above"})
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(default="sdpa", metadata={
@@ -97,13 +104,28 @@ class PretrainArgs:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     # --- objectives ---
-    objectives: str = field(default="mlm,mcv", metadata={"help": "comma-separated subset of mlm, mcv, count"})
+    objectives: str = field(default="mlm,mcv", metadata={
+        "help": "comma-separated subset of mlm, mcv, count, contrastive"})
     mlm_weight: float = field(default=1.0, metadata={"help": "weight of the masked-gene loss"})
     mcv_weight: float = field(default=1.0, metadata={"help": "weight of the MCV loss"})
     count_weight: float = field(default=1.0, metadata={"help": "weight of the masked-count loss"})
+    contrastive_weight: float = field(default=1.0, metadata={"help": "weight of the contrastive loss"})
     mlm_probability: float = field(default=0.15, metadata={"help": "share of detected genes masked per cell"})
     mcv_input_fraction: float = field(default=0.5, metadata={
         "help": "MCV: each count is split x' ~ Binomial(x, p) with this p; x' is the input, x - x' the target"})
+    mcv_fraction_jitter: float = field(default=0.0, metadata={
+        "help": "each visit draws its own p uniformly from mcv_input_fraction +- this"})
+    mcv_unsplit_fraction: float = field(default=0.0, metadata={
+        "help": "share of visits that read the whole cell and target the whole cell (the depth evaluation sees)"})
+    mcv_input: Literal["cls", "pooled"] = field(default="cls", metadata={
+        "help": "MCV decodes the held-out counts from the <cls> state or from the pooled cell embedding"})
+    mcv_normalization: Literal["count", "cell"] = field(default="count", metadata={
+        "help": "MCV loss per held-out count of the batch, or per cell (each cell's NLL per count, averaged)"})
+    mcv_source_genes: bool = field(default=False, metadata={
+        "help": "spread the held-out library over the genes the cell's source file measures only"})
+    contrastive_view: Literal["split", "noise"] = field(default="split", metadata={
+        "help": "the second view: the other half of the binomial split, or noisy values"})
+    contrastive_temperature: float = field(default=0.1, metadata={"help": "softmax temperature of InfoNCE"})
     # --- optimisation ---
     per_device_batch_size: int = field(default=16, metadata={"help": "cells per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -206,12 +228,18 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
         attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
         hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
-        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout, mlm_weight=args.mlm_weight,
-        mcv_weight=args.mcv_weight, count_weight=args.count_weight, **model_overrides(args.model_config),
+        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.attention_dropout,
+        classifier_pooling=args.pooling, value_gating=args.value_gating, gene_embedding_norm=args.gene_embedding_norm,
+        mcv_input=args.mcv_input, mcv_normalization=args.mcv_normalization,
+        use_contrastive_head="contrastive" in objectives, contrastive_temperature=args.contrastive_temperature,
+        mlm_weight=args.mlm_weight, mcv_weight=args.mcv_weight, count_weight=args.count_weight,
+        contrastive_weight=args.contrastive_weight, **model_overrides(args.model_config),
     )
     n_params = sum(p.numel() for p in model.parameters())
     report = ("dataset_index", "row") if args.write_rank_report else ()
     collate = dict(mlm_probability=args.mlm_probability, mcv_input_fraction=args.mcv_input_fraction,
+                   mcv_fraction_jitter=args.mcv_fraction_jitter, mcv_unsplit_fraction=args.mcv_unsplit_fraction,
+                   contrastive_view=args.contrastive_view, mcv_gene_mask=args.mcv_source_genes,
                    max_length=args.max_length)
     collator = make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed, pass_columns=report, **collate)
     sampler = LengthGroupedBatchSampler(

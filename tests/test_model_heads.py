@@ -97,6 +97,90 @@ def test_mcv_loss_equals_manual_negative_binomial():
     torch.testing.assert_close(default, manual_default / counts.sum())
 
 
+def test_cell_level_mcv_from_the_pooled_embedding_over_the_sources_genes_per_cell():
+    """``mcv_input="pooled"``: the held-out counts are decoded from the pooled cell embedding; the softmax spreads
+    each cell's library over the genes its source measures only (``mcv_gene_mask``); with
+    ``mcv_normalization="cell"`` the loss is each cell's NLL per held-out count, averaged over cells."""
+    batch, _ = masked_batch()
+    counts = held_out_counts()
+    measured = torch.ones_like(counts, dtype=torch.bool)
+    measured[0, N_SPECIAL:N_SPECIAL + 20] = False  # cell 0's source does not measure 20 genes ...
+    counts[0, N_SPECIAL:N_SPECIAL + 20] = 0  # ... so it holds no counts there
+    counts[2] *= 5  # a deep cell: it must not dominate the per-cell loss
+    model = tiny_model(ExpressForMaskedModeling, mcv_input="pooled", mcv_normalization="cell",
+                       classifier_pooling="mean")
+    with torch.no_grad():
+        model.mcv_head.log_theta.uniform_(-1, 2)
+        out = model(**batch, mcv_counts=counts, mcv_gene_mask=measured)
+        logits = model.mcv_head.decoder(model.mcv_head.transform(out.pooler_output))
+    theta = model.mcv_head.log_theta.exp()[N_SPECIAL:]
+    per_cell = []
+    for i in range(3):
+        keep = measured[i, N_SPECIAL:]
+        share = torch.softmax(logits[i, N_SPECIAL:][keep], -1)
+        x = counts[i, N_SPECIAL:][keep]
+        nll = -log_nb(x, x.sum() * share, theta[keep]).sum()
+        per_cell.append(nll / x.sum())
+        assert torch.all(torch.isinf(out.mcv_logits[i, N_SPECIAL:][~keep]))
+    torch.testing.assert_close(out.mcv_loss, torch.stack(per_cell).mean())
+    # normalised per held-out count of the batch instead, the deep cell weighs five times as much
+    model.config.mcv_normalization = "count"
+    with torch.no_grad():
+        batch_level = model(**batch, mcv_counts=counts, mcv_gene_mask=measured).mcv_loss
+    totals = counts[:, N_SPECIAL:].sum(-1)
+    torch.testing.assert_close(batch_level, (torch.stack(per_cell) * totals).sum() / totals.sum())
+
+
+def test_contrastive_loss_is_symmetric_info_nce_of_the_two_views():
+    batch = collate(make_cells([14, 9, 6, 11]))
+    pair = collate(make_cells([12, 10, 7, 9], seed=5))
+    model = tiny_model(ExpressForMaskedModeling, use_contrastive_head=True, classifier_pooling="cls_mean",
+                       contrastive_temperature=0.2, contrastive_weight=0.5)
+    pair_inputs = {f"pair_{k}": v for k, v in pair.items()}
+    with torch.no_grad():
+        out = model(**batch, **pair_inputs)
+        a = F.normalize(model.contrastive_head.projection(model.contrastive_head.transform(
+            model.express(**batch).pooler_output)), dim=-1)
+        b = F.normalize(model.contrastive_head.projection(model.contrastive_head.transform(
+            model.express(**pair).pooler_output)), dim=-1)
+    logits = a @ b.T / 0.2
+    target = torch.arange(4)
+    manual = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    torch.testing.assert_close(out.contrastive_loss, manual)
+    torch.testing.assert_close(out.loss, 0.5 * manual)  # only the contrastive loss, with its weight
+    with pytest.raises(ValueError, match="no contrastive head"):
+        tiny_model(ExpressForMaskedModeling)(**batch, **pair_inputs)
+
+
+def test_value_gating_and_gene_norm_carry_levels_into_token_directions():
+    """Without value gating, raising every gene's level moves every token by the same vector (the additive value
+    embedding knows no gene); with it, each gene's token moves its own way. With the gene norm, identity, not rank,
+    dominates a token at initialisation."""
+    batch = collate(make_cells([10], n_zeros=0))
+    raised = batch["values"].clone()
+    raised[0, 1:] = 3.0  # every detected gene at the same, higher level
+    lowered = raised.clone()
+    lowered[0, 1:] = 0.5
+    for gating in (False, True):
+        embed = tiny_model(ExpressForMaskedModeling, value_gating=gating, value_embedding_dim=8).express.embeddings
+        seen = []
+        embed.layer_norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        positions = torch.arange(10).unsqueeze(0)
+        with torch.no_grad():
+            for values in (lowered, raised):
+                embed(batch["input_ids"], values, batch["is_zero"].bool(), positions)
+        moves = (seen[1] - seen[0])[0, 1:]  # (genes, H): each gene's move, before the LayerNorm
+        same_for_all = torch.allclose(moves, moves[:1].expand_as(moves), atol=1e-6)
+        assert same_for_all != gating, gating
+    normed = tiny_model(ExpressForMaskedModeling, gene_embedding_norm=True).express.embeddings
+    with torch.no_grad():
+        gene = normed.gene_norm(normed.gene_projection(torch.cat(
+            [normed.gene_embeddings.weight[4:]] + [t.weight[normed.gene_group_ids[4:, i]] for i, t in
+                                                   enumerate(normed.group_embeddings)], -1)))
+        rank = normed.position_embeddings.weight
+    assert gene.norm(dim=-1).mean() > 5 * rank.norm(dim=-1).mean()  # identity, not rank, at initialisation
+
+
 def test_mcv_shape_error_and_missing_head():
     batch, _ = masked_batch()
     model = tiny_model(ExpressForMaskedModeling)
@@ -165,19 +249,21 @@ def test_total_loss_is_the_weighted_sum_and_trains_every_head():
 def test_classification_loss_and_pooling():
     batch = collate(make_cells([14, 9, 6]))
     batch["input_ids"][0, 13] = EOS  # an <eos> is left out of mean pooling, like <cls>
+    assert batch["is_zero"].sum() > 0  # and so are the sampled zeros
     labels = torch.tensor([0, 2, 1])
-    for pooling in ("cls", "mean"):
+    for pooling in ("cls", "mean", "cls_mean"):
         model = tiny_model(ExpressForCellClassification, num_labels=3, classifier_pooling=pooling)
         with torch.no_grad():
             out = model(**batch, labels=labels)
             hidden = model.express(**batch).last_hidden_state
-        if pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            keep = (batch["attention_mask"] == 1) & (batch["input_ids"] != CLS) & (batch["input_ids"] != EOS)
-            pooled = torch.stack([hidden[i][keep[i]].mean(0) for i in range(3)])
+        keep = (batch["attention_mask"] == 1) & (batch["input_ids"] != CLS) & (batch["input_ids"] != EOS) & \
+            (batch["is_zero"] == 0)
+        mean = torch.stack([hidden[i][keep[i]].mean(0) for i in range(3)])
+        pooled = {"cls": hidden[:, 0], "mean": mean, "cls_mean": torch.cat([hidden[:, 0], mean], -1)}[pooling]
+        assert model.config.pooled_size == pooled.shape[-1]
         logits = model.classifier(pooled)
         torch.testing.assert_close(out.logits, logits)
+        torch.testing.assert_close(out.embedding, pooled)
         torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels))
 
 

@@ -498,3 +498,43 @@ def test_mcv_samples_zeros_among_the_genes_the_source_file_measures(tmp_path):
                             specs=corpus.specs)(_rows(corpus, 50))
     zeros = batch["input_ids"][batch["is_zero"] == 1]
     assert len(zeros) > 100 and set(zeros.tolist()) <= set((vocab.n_special + measured).tolist())
+
+
+def test_split_views_unsplit_visits_jitter_and_source_genes(tmp_path):
+    vocab = make_vocab(80)
+    measured = np.arange(0, 80, 2)
+    path = make_tokenized_dataset(tmp_path / "half", n_cells=60, vocab=vocab, measured=measured, source="half",
+                                  n_zeros=5)
+    corpus = load_corpus([path], eval_fraction=0.0, require_counts=True)
+    rows = _rows(corpus, 60)
+    collator = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=(0.2, 0.8), pair_view="split",
+                               mcv_gene_mask=True, specs=corpus.specs, pad_to_multiple_of=None)
+    batch = collator(rows)
+    # the second view is the held-out half: both halves' counts add up to the cell's
+    for i, row in enumerate(rows):
+        t1, t2 = batch["attention_mask"][i].sum().item(), batch["pair_attention_mask"][i].sum().item()
+        one = set(batch["input_ids"][i, :t1][batch["is_zero"][i, :t1] == 0].tolist()) - {vocab.cls_id}
+        two = set(batch["pair_input_ids"][i, :t2][batch["pair_is_zero"][i, :t2] == 0].tolist()) - {vocab.cls_id}
+        assert one | two <= set(row["counts_ids"].tolist())
+        assert batch["mcv_counts"][i].sum() == sum(row["counts"]) - collator._split([row], [np.random.default_rng(
+            row["sample_seed"])])[0][0]["counts"].sum()
+    # the genes each cell's source measures, and nothing else
+    assert batch["mcv_gene_mask"].sum(1).tolist() == [len(measured)] * 60
+    assert batch["mcv_gene_mask"][:, vocab.n_special + measured].all()
+    # each visit draws its own fraction: the kept share of counts varies across cells within the range
+    kept = []
+    for row in rows:
+        inputs, *_ = collator._split([row], [np.random.default_rng(row["sample_seed"])])
+        kept.append(inputs[0]["counts"].sum() / max(row["counts"].sum(), 1))
+    assert 0.15 < min(kept) < 0.45 and 0.55 < max(kept) < 0.85
+    # unsplit visits read the whole cell and target the whole cell
+    whole = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.5, mcv_unsplit_fraction=0.99999,
+                            specs=corpus.specs)(rows[:5])
+    for i, row in enumerate(rows[:5]):
+        assert whole["mcv_counts"][i].sum() == row["counts"].sum()
+        assert whole["input_ids"][i, 1].item() == row["input_ids"][1]  # the same top gene as the full cell
+    noisy = ExpressCollator(vocab, mlm_probability=0.0, pair_view="noise", noise_scale=0.5,
+                            specs=corpus.specs)(rows[:5])
+    assert torch.equal(noisy["pair_input_ids"], noisy["input_ids"])
+    assert not torch.allclose(noisy["pair_values"], noisy["values"])
+    assert torch.equal(noisy["pair_values"] == 0, noisy["values"] == 0)  # zeros stay zero

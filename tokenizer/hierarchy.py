@@ -72,6 +72,18 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, weights: np.ndarray | None =
     return relabel[labels], fitted.cluster_centers_[used]
 
 
+def prefetch_hierarchy_imports() -> None:
+    """Import scikit-learn's k-means and PCA in a background thread while the statistics accumulate: the import takes
+    about a second, as long as fitting 50,000 cells, and the accumulation kernels release the GIL."""
+    import threading
+
+    def load() -> None:
+        import sklearn.cluster  # noqa: F401
+        import sklearn.decomposition  # noqa: F401
+
+    threading.Thread(target=load, name="prefetch-sklearn", daemon=True).start()
+
+
 def derive_hierarchy(vectors: np.ndarray, n_groups: Sequence[int], *, seed: int = 0) -> np.ndarray:
     """``(n_genes, n_levels)`` int32 group ids (from 1) by nested k-means on ``vectors`` (one row per gene)."""
     from sklearn.decomposition import PCA

@@ -55,11 +55,12 @@ def _call(fn, task):
 
 def run_tasks(fn: Callable[[Any, Callable[[int], None]], Any], tasks: Sequence, *, num_workers: int = 1,
               total: int | None = None, desc: str = "", progress: bool = True,
-              warmup: Callable[[], None] | None = None) -> list:
+              warmup: Callable[[], None] | None = None, after_start: Callable[[], None] | None = None) -> list:
     """Run ``fn(task, report)`` for every task; return the results in task order.
 
     ``warmup`` runs in this process before forking workers (e.g. a tiny task), so that compiled kernels are loaded
-    once and inherited instead of loaded by every worker.
+    once and inherited instead of loaded by every worker. ``after_start`` runs once the workers exist (forking with
+    a second thread alive is unsafe), e.g. to start background work while they run.
     """
     method = start_method()
     if warmup is not None and num_workers > 1 and len(tasks) > 1 and method == "fork":
@@ -67,13 +68,17 @@ def run_tasks(fn: Callable[[Any, Callable[[int], None]], Any], tasks: Sequence, 
     bar = _Bar(total=total, desc=desc, unit="cells", disable=not progress, unit_scale=True, dynamic_ncols=True)
     try:
         if num_workers <= 1 or len(tasks) <= 1:
+            if after_start is not None:
+                after_start()
             return [fn(task, bar.update) for task in tasks]
         ctx = mp.get_context(method)
         progress_queue = ctx.Queue()
         results: list = [None] * len(tasks)
         with ProcessPoolExecutor(max_workers=min(num_workers, len(tasks)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(progress_queue,)) as pool:
-            futures = {pool.submit(_call, fn, task): i for i, task in enumerate(tasks)}
+            futures = {pool.submit(_call, fn, task): i for i, task in enumerate(tasks)}  # starts the workers
+            if after_start is not None:
+                after_start()
             pending = set(futures)
             try:
                 while pending:

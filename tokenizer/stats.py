@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CorruptFileError, InputError
-from .hierarchy import derive_hierarchy, parse_n_groups, read_hierarchy_tsv
+from .hierarchy import derive_hierarchy, parse_n_groups, prefetch_hierarchy_imports, read_hierarchy_tsv
 from .io import (
     CountSource,
     SourcePlan,
@@ -526,8 +526,10 @@ def accumulate_statistics(
     chunk_size: int = 2048,
     shard: str | tuple[int, int] | None = None,
     progress: bool = True,
+    background: Callable[[], None] | None = None,
 ) -> FitState:
-    """Stream the inputs once and return their mergeable :class:`FitState` (no vocabulary yet)."""
+    """Stream the inputs once and return their mergeable :class:`FitState` (no vocabulary yet). ``background`` is
+    called once the workers run (``fit`` imports the hierarchy's libraries meanwhile)."""
     if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "obs"):
         inputs = [inputs]
     inputs = list(inputs)
@@ -605,7 +607,7 @@ def accumulate_statistics(
             job.slot = w
     try:
         parts = run_tasks(_fit_units, jobs, num_workers=num_workers, total=total, desc="fit", progress=progress,
-                          warmup=warmup)
+                          warmup=warmup, after_start=background)
         # 3. add the workers' tables up, attach per-input summaries
         state = _assemble(parts, gene_ids, config)
     finally:
@@ -774,7 +776,8 @@ def fit_statistics(
         from .output import check_output
 
         check_output(out_dir, overwrite)  # fail before the work, not after
-    state = accumulate_statistics(inputs, **kwargs)
+    derive = hierarchy is None and n_groups not in (None, "0", "none", "")
+    state = accumulate_statistics(inputs, background=prefetch_hierarchy_imports if derive else None, **kwargs)
     return _finalize_and_save(state, out_dir, overwrite, lambda: finalize_statistics(
         state, min_cells=min_cells, n_groups=n_groups, hierarchy=hierarchy, hierarchy_seed=state.config["seed"]))
 

@@ -1,0 +1,196 @@
+"""Zero-shot evaluation of frozen cell embeddings, the baselines on the same cells, and the diagnostics behind them.
+
+Embeddings of a model (:func:`model_embeddings`): the ``<cls>`` state, the mean over detected genes (special tokens and
+sampled zeros left out) and both concatenated, from one forward pass. Baselines on the same cells and tokens:
+
+- ``pca``: PCA (50) of scaled, log-normalised highly variable genes (the field's reference, "lift over PCA");
+- ``bag_of_genes``: each cell's top-k genes as a binary vector, reduced with a 50-component truncated SVD (the
+  information in the tokens, without a model);
+- ``group_histogram``: the share of each cell's top-k genes in each hierarchy group (what random group embeddings
+  average to).
+
+Each embedding is scored raw, z-scored (per dimension) and cosine-normalised (:func:`knn_scores`: out-of-fold k-NN
+accuracy and macro-F1, stratified folds). Diagnostics: the norms of the per-gene and per-group embedding rows and of
+their projected contributions (:func:`embedding_norms`), and the MCV negative log-likelihood of a per-dataset mean
+profile next to the model's on the same held-out splits (:func:`mcv_reference`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from tokenizer import TokenizedCells
+
+POOLINGS = ("cls", "mean", "cls_mean")
+SCALINGS = ("raw", "zscore", "cosine")
+
+
+@torch.no_grad()
+def model_embeddings(model, cells: TokenizedCells, rows: np.ndarray, *, batch_size: int = 64
+                     ) -> dict[str, np.ndarray]:
+    """``{"cls", "mean", "cls_mean"}`` embeddings of ``cells.dataset`` rows ``rows`` by an ``ExpressModel`` (or a
+    model with an ``express`` encoder)."""
+    from pretrain.data import CellDataset, ExpressCollator
+
+    encoder = getattr(model, "express", model)
+    encoder.eval()
+    collator = ExpressCollator(cells.vocab, mlm_probability=0.0)
+    dataset = CellDataset([cells.dataset], [rows], columns=["input_ids", "values", "is_zero"])
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in POOLINGS}
+    for start in range(0, len(dataset), batch_size):
+        batch = collator(dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset))))))
+        hidden = encoder(input_ids=batch["input_ids"], values=batch["values"], is_zero=batch["is_zero"],
+                         attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+        genes = (batch["attention_mask"].bool() & (batch["input_ids"] >= cells.vocab.n_special) &
+                 (batch["is_zero"] == 0)).unsqueeze(-1).float()
+        cls, mean = hidden[:, 0], (hidden * genes).sum(1) / genes.sum(1).clamp_min(1)
+        parts["cls"].append(cls.numpy())
+        parts["mean"].append(mean.numpy())
+        parts["cls_mean"].append(torch.cat([cls, mean], -1).numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _detected_tokens(cells: TokenizedCells, rows: np.ndarray) -> list[np.ndarray]:
+    part = cells.dataset.data.table.select(["input_ids", "is_zero"]).take(rows)
+    ids, zeros = part["input_ids"].to_pylist(), part["is_zero"].to_pylist()
+    n = cells.vocab.n_special
+    return [np.asarray([t for t, z in zip(i, zz) if t >= n and not z], dtype=np.int64) for i, zz in zip(ids, zeros)]
+
+
+def bag_of_genes(cells: TokenizedCells, rows: np.ndarray, *, n_components: int = 50, seed: int = 0) -> np.ndarray:
+    """Each cell's detected top-k genes as a binary vocabulary vector, reduced with truncated SVD."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    tokens = _detected_tokens(cells, rows)
+    indptr = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+    matrix = sp.csr_matrix((np.ones(indptr[-1]), np.concatenate(tokens), indptr),
+                           shape=(len(tokens), cells.vocab.vocab_size))
+    k = min(n_components, matrix.shape[0] - 1, matrix.shape[1] - 1)
+    return TruncatedSVD(k, random_state=seed).fit_transform(matrix)
+
+
+def group_histogram(cells: TokenizedCells, rows: np.ndarray) -> np.ndarray:
+    """The share of each cell's detected top-k genes in each hierarchy group, every level side by side."""
+    groups = cells.vocab.token_group_ids  # (V, L)
+    sizes = cells.vocab.n_groups
+    out = []
+    for tokens in _detected_tokens(cells, rows):
+        levels = [np.bincount(groups[tokens, level], minlength=size) / max(len(tokens), 1)
+                  for level, size in enumerate(sizes)]
+        out.append(np.concatenate(levels) if levels else np.zeros(0))
+    return np.asarray(out, dtype=np.float64)
+
+
+def pca_features(adata, *, n_components: int = 50, n_top_genes: int = 2000, seed: int = 0) -> np.ndarray:
+    """PCA of scaled, log-normalised highly variable genes of ``adata`` (its cells in order)."""
+    import scanpy as sc
+
+    adata = adata.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    if n_top_genes < adata.n_vars:
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes)
+        adata = adata[:, adata.var["highly_variable"]].copy()
+    sc.pp.scale(adata, max_value=10)
+    n_comps = min(n_components, adata.n_obs - 1, adata.n_vars - 1)
+    sc.pp.pca(adata, n_comps=n_comps, random_state=seed)
+    return np.asarray(adata.obsm["X_pca"])
+
+
+def scaled(features: np.ndarray, how: str) -> np.ndarray:
+    """``raw``, ``zscore`` (each dimension to mean 0, sd 1) or ``cosine`` (each cell to unit length)."""
+    x = np.asarray(features, dtype=np.float64)
+    if how == "zscore":
+        return (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
+    if how == "cosine":
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if how != "raw":
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {how!r}")
+    return x
+
+
+def knn_scores(features: np.ndarray, labels: np.ndarray, *, k: int = 15, folds: int = 5, seed: int = 0) -> dict:
+    """Out-of-fold k-NN (stratified ``folds``-fold) accuracy and macro-F1 of ``labels`` from ``features``."""
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    predictions = np.empty_like(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes smaller than the number of folds
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for train, test in splitter.split(features, labels):
+            knn = KNeighborsClassifier(n_neighbors=min(k, len(train)))
+            predictions[test] = knn.fit(features[train], labels[train]).predict(features[test])
+    return {"accuracy": float(accuracy_score(labels, predictions)),
+            "macro_f1": float(f1_score(labels, predictions, average="macro"))}
+
+
+def score_embedding(features: np.ndarray, labels: np.ndarray, *, seed: int = 0, full: bool = True) -> dict:
+    """k-NN scores raw, z-scored and cosine-normalised; with ``full`` also the label silhouette and NMI/ARI."""
+    from finetune import metrics as M
+
+    out = {how: knn_scores(scaled(features, how), labels, seed=seed) for how in SCALINGS}
+    if full:
+        out["label_silhouette"] = M.label_silhouette(features, labels)
+        out.update(M.cluster_agreement(features, labels, seed=seed))
+    return out
+
+
+@torch.no_grad()
+def embedding_norms(model) -> dict[str, float]:
+    """Mean L2 norm of the per-gene and per-group embedding rows, and of each one's contribution after the
+    projection to the hidden size (how much of a token is identity, how much its groups), and of the rank table."""
+    embeddings = getattr(model, "express", model).embeddings
+    genes = embeddings.gene_embeddings.weight[4:]
+    weight = embeddings.gene_projection.weight  # (H, Dg + sum(Dl)) with concat
+    out = {"gene_row": float(genes.norm(dim=1).mean()),
+           "gene_projected": float((genes @ weight[:, : genes.shape[1]].T).norm(dim=1).mean())}
+    start = genes.shape[1]
+    for level, table in enumerate(embeddings.group_embeddings):
+        rows = table.weight[1:]
+        out[f"group_l{level + 1}_row"] = float(rows.norm(dim=1).mean())
+        if weight.shape[1] > genes.shape[1]:
+            part = weight[:, start:start + rows.shape[1]]
+            out[f"group_l{level + 1}_projected"] = float((rows @ part.T).norm(dim=1).mean())
+            start += rows.shape[1]
+    if embeddings.position_embeddings is not None:
+        out["rank_row"] = float(embeddings.position_embeddings.weight[:300].norm(dim=1).mean())
+    return out
+
+
+@torch.no_grad()
+def mcv_reference(model, loader, corpus) -> dict[str, dict[str, float]]:
+    """Per dataset, the MCV NLL (nats per held-out count) of the model and of that dataset's mean profile (the
+    training cells' pooled counts, with the model's dispersions) on the same held-out splits: how much of the model's
+    gain is only telling datasets apart."""
+    n_special = corpus.vocab.n_special
+    profiles = []
+    for part, rows in zip(corpus.parts, corpus.train.rows):
+        table = part.dataset.data.table.select(["counts_ids", "counts"]).take(rows)
+        ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in table["counts_ids"].to_pylist()])
+        counts = np.concatenate([np.asarray(x, dtype=np.float64) for x in table["counts"].to_pylist()])
+        total = np.bincount(ids, weights=counts, minlength=corpus.vocab.vocab_size) + 0.5
+        total[:n_special] = 0
+        profiles.append(torch.from_numpy(np.log(total / total.sum())).float())
+    sums: dict[str, np.ndarray] = {}
+    model.eval()
+    for batch in loader:
+        index = batch.pop("dataset_index").tolist()
+        out = model(**batch)
+        theta = out.mcv_theta
+        reference_logits = torch.stack([profiles[i] for i in index])
+        nll, held = model.mcv_cell_nll(out.mcv_logits, theta, batch["mcv_counts"], batch.get("mcv_library_size"))
+        ref = reference_logits.clone()
+        ref[:, :n_special] = -torch.inf
+        ref_nll, _ = model.mcv_cell_nll(ref, theta, batch["mcv_counts"], batch.get("mcv_library_size"))
+        for i, part in enumerate(index):
+            name = corpus.parts[part].name
+            acc = sums.setdefault(name, np.zeros(3))
+            acc += [float(nll[i]), float(ref_nll[i]), float(held[i])]
+    return {name: {"model": float(a[0] / max(a[2], 1)), "mean_profile": float(a[1] / max(a[2], 1))}
+            for name, a in sums.items()}
