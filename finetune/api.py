@@ -365,6 +365,9 @@ def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, va
         logger.info("class weighting %s chosen on the validation cells (score %.4f)", method, score)
         return history + [{"class_weighting": method, "candidates": {m: t[0] for t, m in
                                                                       zip(trials, CLASS_WEIGHTINGS)}}]
+    if validation_groups is not None and len(np.unique(np.asarray(validation_groups).astype(str))) < 2:
+        logger.info("obs[%r] has a single group: validating on random cells instead", settings.validation_key)
+        validation_groups = None
     train_idx, val_idx = split_cells(len(cells), settings.validation_fraction, settings.seed,
                                      groups=validation_groups)
     if len(val_idx) < 10 or len(train_idx) < 10:  # too few to tell epochs apart: keep the last

@@ -422,6 +422,10 @@ class ExpressCollator:
       cell's ``total_counts`` scales by p).
     - ``pass_columns``: further row fields (scalars or fixed-length lists) passed through as tensors under their own
       names (``labels``, ``batch_index``, ``protein_targets``, ``total_counts``, ...).
+    - ``truncate``: cut every row to its spec's ``top_k`` detected genes and ``n_zeros`` sampled zeros (cells
+      tokenized with more; the rank order makes the first ``top_k`` the same as tokenizing with ``top_k``).
+    - ``gene_selection="random"``: the input genes are ``top_k`` genes drawn at random among the cell's detected
+      ones on every visit (then ranked by value), instead of its top-ranked ones (an ablation; needs kept counts).
 
     Args:
         vocab: the datasets' vocabulary; ``None`` for rows without tokens (the MLP encoder).
@@ -447,9 +451,13 @@ class ExpressCollator:
     panel_size: int | None = None
     panel_thinning: tuple[float, float] | None = None
     pass_columns: Sequence[str] = ()
+    truncate: bool = False
+    gene_selection: str = "top"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.gene_selection not in ("top", "random"):
+            raise ValueError(f"gene_selection must be 'top' or 'random', got {self.gene_selection!r}")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}")
         if self.mask_token_fraction < 0 or self.random_token_fraction < 0 or \
@@ -513,6 +521,12 @@ class ExpressCollator:
             groups.setdefault((int(row.get("dataset_index", 0)), row.get("source")), []).append(i)
         for (dataset_index, _), members in groups.items():
             spec = self._spec(dataset_index)
+            if self.gene_selection == "random":
+                for i in members:  # top_k of the detected genes at random (ranked by value below)
+                    if len(ids[i]) > spec.top_k:
+                        pick = np.sort(np.random.default_rng(int(seeds[i])).choice(len(ids[i]), spec.top_k,
+                                                                                    replace=False))
+                        ids[i], counts[i] = ids[i][pick], counts[i][pick]
             tokens = encode_count_rows(
                 [ids[i] for i in members], [counts[i] for i in members],
                 # a cell whose split kept nothing gets total 1 so it encodes as <cls> + sampled zeros
@@ -566,6 +580,24 @@ class ExpressCollator:
             if self.pair_view == "split" else None
         return inputs, halves, held_out, held_out_library
 
+    def _reselect(self, rows, rngs) -> list[dict]:
+        """Every row re-tokenized from its whole kept counts (``gene_selection="random"`` without a split)."""
+        n = len(rows)
+        ids = [np.asarray(r["counts_ids"], dtype=np.int64) for r in rows]
+        counts = [np.asarray(r["counts"], dtype=np.int64) for r in rows]
+        totals = np.asarray([float(r["total_counts"]) for r in rows])
+        seeds = np.asarray([rng.integers(2**63, dtype=np.uint64) for rng in rngs], dtype=np.uint64).reshape(n)
+        return self._retokenize(rows, ids, counts, totals, seeds)
+
+    def _fit_to_spec(self, row: Mapping, ids: np.ndarray, values: np.ndarray,
+                     is_zero: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        spec = self._spec(int(row.get("dataset_index", 0)))
+        genes = ids >= self._n_special
+        detected = genes & (is_zero == 0)
+        zeros = genes & (is_zero != 0)
+        keep = ~genes | (detected & (np.cumsum(detected) <= spec.top_k)) | (zeros & (np.cumsum(zeros) <= spec.n_zeros))
+        return ids[keep], values[keep], is_zero[keep]
+
     def _mask(self, ids: np.ndarray, is_zero: np.ndarray,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Choose MLM positions of one cell; return the new ids, the labels and the ``<mask>``-ed positions."""
@@ -605,6 +637,8 @@ class ExpressCollator:
             ids = np.asarray(row["input_ids"], dtype=np.int64)
             values = np.asarray(row["values"], dtype=np.float32)
             is_zero = np.asarray(row["is_zero"], dtype=np.int64) if "is_zero" in row else np.zeros(len(ids), np.int64)
+            if self.truncate:
+                ids, values, is_zero = self._fit_to_spec(row, ids, values, is_zero)
             if self.max_length is not None and len(ids) > self.max_length:
                 ids, values, is_zero = ids[:self.max_length], values[:self.max_length], is_zero[:self.max_length]
             labels = counts = None
@@ -657,6 +691,8 @@ class ExpressCollator:
         if self.mcv_gene_mask:
             batch["mcv_gene_mask"] = self._gene_mask(rows)
         halves = None
+        if self.gene_selection == "random" and self.mcv_input_fraction is None:
+            rows = self._reselect(rows, rngs)
         if self.mcv_input_fraction is not None:
             rows, halves, held_out, held_out_library = self._split(rows, rngs)
             if self.mcv_targets:

@@ -74,22 +74,41 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                    kind: Literal["cosine", "linear", "constant"] = "cosine",
-                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+                    kind: Literal["cosine", "linear", "constant"] = "cosine", min_lr_ratio: float = 0.0,
+                    budget_seconds: float | None = None, clock: Callable[[], float] | None = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_steps``, then ``cosine`` or ``linear`` decay to ``min_lr_ratio`` of the peak at
     ``total_steps`` (``transformers``' warmup-stable-decay schedule with no stable phase), or ``constant``. Step it
-    once per optimizer step."""
+    once per optimizer step.
+
+    With a training-time budget (``budget_seconds``, and ``clock()`` the training seconds so far) the schedule runs
+    on whichever is further along, the steps or the time: a run stopped by its budget ends its decay at the budget
+    instead of being cut off at a high learning rate. Warmup is then the same share of that progress."""
     from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
 
     if total_steps < 1 or warmup_steps < 0:
         raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
-    if kind == "constant":
-        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
-    if kind not in ("cosine", "linear"):
+    if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"unknown schedule {kind!r}; use cosine, linear or constant")
-    warmup = min(warmup_steps, total_steps)
-    return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=total_steps - warmup,
-                            num_stable_steps=0, decay_type=kind, min_lr_ratio=min_lr_ratio)
+    if budget_seconds is None or kind == "constant":
+        if kind == "constant":
+            return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+        warmup = min(warmup_steps, total_steps)
+        return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=total_steps - warmup,
+                                num_stable_steps=0, decay_type=kind, min_lr_ratio=min_lr_ratio)
+    if clock is None or budget_seconds <= 0:
+        raise ValueError("a time-budgeted schedule needs budget_seconds > 0 and a clock")
+    warmup_share = min(warmup_steps, total_steps) / total_steps
+
+    def factor(step: int) -> float:
+        progress = min(max(step / total_steps, clock() / budget_seconds), 1.0)
+        if progress < warmup_share:
+            return progress / warmup_share
+        decayed = (progress - warmup_share) / max(1.0 - warmup_share, 1e-12)
+        shape = 0.5 * (1.0 + math.cos(math.pi * decayed)) if kind == "cosine" else 1.0 - decayed
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def rng_state() -> dict[str, Any]:
@@ -229,11 +248,15 @@ def train(
     optimizer = build_optimizer(model, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                 betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_epsilon,
                                 encoder_lr=settings.encoder_learning_rate, fused=accelerator.device.type == "cuda")
-    scheduler = build_scheduler(optimizer, total_steps=settings.max_steps, warmup_steps=settings.warmup_steps,
-                                kind=settings.lr_scheduler, min_lr_ratio=settings.min_lr_ratio)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "log_history": [],
                              "world_size": accelerator.num_processes, "per_device_batch_size": sampler.batch_size,
                              "gradient_accumulation_steps": accumulation}
+    # every process reads the same (averaged) training time, so a time-budgeted schedule stays in step under DDP
+    shared_seconds = [0.0]
+    budget = 60 * settings.max_train_minutes if settings.max_train_minutes is not None else None
+    scheduler = build_scheduler(optimizer, total_steps=settings.max_steps, warmup_steps=settings.warmup_steps,
+                                kind=settings.lr_scheduler, min_lr_ratio=settings.min_lr_ratio,
+                                budget_seconds=budget, clock=lambda: shared_seconds[0])
     if resume_from is not None:
         loaded, rng = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                       rank=accelerator.process_index)
@@ -250,6 +273,7 @@ def train(
         if rng is None:
             raise CheckpointError(f"{resume_from} lacks the random state of process {accelerator.process_index}")
         set_rng_state(rng)
+        shared_seconds[0] = state["train_seconds"]
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     raw_model = model
     if settings.torch_compile:
@@ -322,10 +346,14 @@ def train(
                 window[-1] += 1
                 if accelerator.sync_gradients:
                     # one collective decision, so that every process stops together
-                    bad = torch.tensor([0.0 if torch.isfinite(step_sums[0]) else 1.0], device=accelerator.device)
+                    bad = torch.tensor([0.0 if torch.isfinite(step_sums[0]) else 1.0,
+                                        state["train_seconds"] + time.perf_counter() - step_start],
+                                       dtype=torch.float64, device=accelerator.device)
                     if settings.max_grad_norm > 0:
-                        bad += 0.0 if torch.isfinite(torch.as_tensor(grad_norm)) else 1.0
-                    if accelerator.reduce(bad, reduction="sum").item() > 0:
+                        bad[0] += 0.0 if torch.isfinite(torch.as_tensor(grad_norm)) else 1.0
+                    bad = accelerator.reduce(bad, reduction="sum")
+                    shared_seconds[0] = bad[1].item() / accelerator.num_processes
+                    if bad[0].item() > 0:
                         bar.close()
                         raise NonFiniteLossError(
                             f"the loss became {step_sums[0].item() / accumulation} at step {state['step'] + 1}; "
@@ -365,9 +393,7 @@ def train(
 
         out_of_time = False
         if settings.max_train_minutes is not None:  # decided together: every process must leave at the same step
-            late = torch.tensor([float(state["train_seconds"] > 60 * settings.max_train_minutes)],
-                                device=accelerator.device)
-            out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
+            out_of_time = shared_seconds[0] > budget
         at_end = step == settings.max_steps or out_of_time
         if evaluate is not None and ((settings.eval_steps and step % settings.eval_steps == 0) or at_end):
             # the bare module: a DDP forward may broadcast buffers, a collective that ranks evaluating different

@@ -38,7 +38,8 @@ def parse_objectives(text: str) -> list[str]:
 def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objectives: Sequence[str], *,
                   mlm_probability: float = 0.15, mcv_input_fraction: float = 0.5, mcv_fraction_jitter: float = 0.0,
                   mcv_unsplit_fraction: float = 0.0, contrastive_view: str = "split", mcv_gene_mask: bool = False,
-                  max_length: int | None = None, seed: int = 0, pass_columns: Sequence[str] = ()) -> ExpressCollator:
+                  max_length: int | None = None, seed: int = 0, pass_columns: Sequence[str] = (),
+                  truncate: bool = False, gene_selection: str = "top") -> ExpressCollator:
     """The collator that makes the inputs and targets of ``objectives``: each visit's split fraction is drawn from
     ``mcv_input_fraction +- mcv_fraction_jitter``; ``mcv_unsplit_fraction`` of the visits read and target the whole
     cell."""
@@ -61,6 +62,8 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
         pad_to_multiple_of=8,
         max_length=max_length,
         pass_columns=pass_columns,
+        truncate=truncate,
+        gene_selection=gene_selection,
         seed=seed,
     )
 

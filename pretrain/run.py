@@ -79,6 +79,14 @@ class PretrainArgs:
     eval_fraction: float = field(default=0.05, metadata={"help": "share of each dataset's cells held out"})
     max_eval_cells: int | None = field(default=2000, metadata={"help": "cap on held-out cells per dataset"})
     max_length: int | None = field(default=None, metadata={"help": "truncate cells to this many tokens"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "train on each cell's first top_k ranked genes only (cells tokenized with more are cut; the model "
+                "then tokenizes new cells with top_k); default: as tokenized"})
+    n_zeros: int | None = field(default=None, metadata={
+        "help": "keep at most this many sampled zero genes per cell (0: none); default: as tokenized"})
+    gene_selection: Literal["top", "random"] = field(default="top", metadata={
+        "help": "the input genes: the top-ranked ones, or top_k detected genes drawn at random on every visit "
+                "(an ablation; needs kept counts)"})
     output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where checkpoints, logs and final/ go"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start afresh even if output_dir already holds checkpoints or a final model"})
@@ -188,6 +196,21 @@ class PretrainArgs:
         return parse_objectives(self.objectives)
 
 
+def narrow_specs(corpus, top_k: int | None, n_zeros: int | None) -> bool:
+    """Give every part of ``corpus`` the spec with ``top_k`` genes and ``n_zeros`` zeros (what the collator cuts
+    cells to and what the model records); True when that cuts anything."""
+    if top_k is None and n_zeros is None:
+        return False
+    for part in corpus.parts:
+        spec = part.spec
+        if (top_k is not None and top_k > spec.top_k) or (n_zeros is not None and n_zeros > spec.n_zeros):
+            raise ValueError(f"{part.name} was tokenized with top_k={spec.top_k}, n_zeros={spec.n_zeros}: "
+                             f"--top_k/--n_zeros can only keep fewer (got {top_k}, {n_zeros}); tokenize again")
+        part.spec = spec.replace(top_k=spec.top_k if top_k is None else top_k,
+                                 n_zeros=spec.n_zeros if n_zeros is None else n_zeros)
+    return True
+
+
 def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     """Run pretraining; return the final held-out metrics and paths (``{"final_dir", "metrics", "step", ...}``)."""
     args = args if args is not None else parse_args(PretrainArgs)
@@ -219,7 +242,9 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
         with accelerator.main_process_first():
             paths = [str(prepare_default_data(output_dir / "default_data"))]
     corpus = load_corpus(paths, eval_fraction=args.eval_fraction, seed=args.seed, max_eval_cells=args.max_eval_cells,
-                         require_counts="mcv" in objectives or "count" in objectives)
+                         require_counts="mcv" in objectives or "count" in objectives or
+                         args.gene_selection == "random")
+    truncate = narrow_specs(corpus, args.top_k, args.n_zeros)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -240,7 +265,7 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     collate = dict(mlm_probability=args.mlm_probability, mcv_input_fraction=args.mcv_input_fraction,
                    mcv_fraction_jitter=args.mcv_fraction_jitter, mcv_unsplit_fraction=args.mcv_unsplit_fraction,
                    contrastive_view=args.contrastive_view, mcv_gene_mask=args.mcv_source_genes,
-                   max_length=args.max_length)
+                   max_length=args.max_length, truncate=truncate, gene_selection=args.gene_selection)
     collator = make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed, pass_columns=report, **collate)
     sampler = LengthGroupedBatchSampler(
         corpus.train.lengths, args.per_device_batch_size, part_sizes=corpus.train.part_sizes,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,33 @@ def test_learning_rate_schedules():
     assert _lr_curve(36, warmup_steps=10, total_steps=110, kind="constant")[35] == 1.0
     with pytest.raises(ValueError, match="unknown schedule"):
         build_scheduler(build_optimizer(torch.nn.Linear(2, 2), lr=0.1), total_steps=10, kind="step")
+
+
+def test_time_budgeted_schedule_follows_the_clock_or_the_steps_whichever_is_further():
+    seconds = [0.0]
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), lr=1.0)
+    scheduler = build_scheduler(optimizer, total_steps=1000, warmup_steps=100, min_lr_ratio=0.1,
+                                budget_seconds=60.0, clock=lambda: seconds[0])
+    lrs = []
+    for step in range(1, 21):
+        seconds[0] = 3.0 * step  # 3 s per step: the 60 s budget ends at step 20, long before step 1000
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # warmup is the first 10% of the progress (6 s = step 2), the cosine decay ends at the budget, at the floor
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (33 / 60 - 0.1) / 0.9)))
+    assert lrs[-1] == pytest.approx(0.1)
+    # with a slow clock the steps lead, as without a budget
+    seconds[0] = 0.0
+    steps_led = build_scheduler(build_optimizer(torch.nn.Linear(2, 2), lr=1.0), total_steps=110, warmup_steps=10,
+                                budget_seconds=1e9, clock=lambda: 0.0)
+    for _ in range(60):
+        steps_led.optimizer.step()
+        steps_led.step()
+    assert steps_led.get_last_lr()[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="clock"):
+        build_scheduler(optimizer, total_steps=10, budget_seconds=5.0)
 
 
 def test_optimizer_groups_and_encoder_learning_rate():

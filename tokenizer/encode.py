@@ -7,8 +7,8 @@ For each cell (a row of a CSR matrix whose column indices are vocabulary token i
 ``col_map``):
 
 1. normalise every detected gene: ``v_g = x_g / total * target_sum / median_g``;
-2. rank detected genes by ``v_g`` (as float32, the precision it is stored in) descending; ties go to the smaller
-   token id, so the order is deterministic;
+2. rank detected genes by ``v_g`` (as float32, the precision it is stored in, or as float64 for Geneformer's
+   ranking) descending; ties go to the smaller token id, so the order is deterministic;
 3. keep the top ``top_k``;
 4. sample ``n_zeros`` genes among ``zero_candidates`` that have no count in this cell, without replacement, from a
    random stream seeded by the cell's own seed (so a cell encodes identically whatever chunk or worker it is in);
@@ -136,25 +136,30 @@ def _sort_run(a, lo, hi, scratch, digits):
 
 @numba.njit(cache=True, nogil=True)
 def _top_keys(keys, m, k, hist, low, high, out, candidates, scratch, digits):
-    """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``.
+    """The ``k`` largest of ``keys[:m]`` in descending order, written to ``out[:k]``; returns ``n >= k``, the number
+    of keys written to ``out``, all in descending order (the rest of the cut bucket follows the first ``k``).
 
     ``hist[low:high + 1]`` holds the number of keys per radix bucket (their top 11 bits). The bucket of the k-th
     largest key (the cut) follows from the counts; the keys in it or above are copied out without branches, placed
     bucket by bucket (largest first), and each run is sorted (:func:`_sort_run`); the first ``k`` are the answer.
     ``hist`` is left zeroed.
     """
+    n = 0
     if k > 0:
         seen = 0
         cut = high
         while seen + hist[cut] < k:
             seen += hist[cut]
             cut -= 1
-        cut_key = np.uint64(cut) << _S53
-        n = 0
-        for r in range(m):
-            key = keys[r]
-            candidates[n] = key
-            n += 1 if key >= cut_key else 0
+        if cut == low:  # every key is a candidate (k close to m)
+            candidates = keys
+            n = m
+        else:
+            cut_key = np.uint64(cut) << _S53
+            for r in range(m):
+                key = keys[r]
+                candidates[n] = key
+                n += 1 if key >= cut_key else 0
         start = 0
         for b in range(high, cut - 1, -1):  # bucket counts -> write cursors, largest bucket first
             c = hist[b]
@@ -167,42 +172,38 @@ def _top_keys(keys, m, k, hist, low, high, out, candidates, scratch, digits):
             hist[b] += 1
         start = 0
         for b in range(high, cut - 1, -1):  # the cursors now mark the ends of the runs
-            if start < k:
-                _sort_run(out, start, hist[b], scratch, digits)
+            _sort_run(out, start, hist[b], scratch, digits)  # every run starts before k: the cut bucket's does
             start = hist[b]
     for b in range(low, high + 1):
         hist[b] = 0
+    return n
 
 
 @numba.njit(cache=True, nogil=True)
-def _rank_float64(indices, data, col_map, lo, hi, total, target_sum, medians, top_k, ids, out_ids, out_values, pos):
-    """Rank one cell's detected genes by their float64 value (ties: smaller token id) and write the top ``top_k``.
+def _order_near_ties(top, k, n, exact):
+    """Put ``top[:k]`` in float64 order: ``top[:n]`` holds keys sorted by float32 value descending, then token id
+    ascending; runs of keys with the same float32 value (equal counts of genes with equal or nearly equal medians)
+    are reordered by their float64 value ``exact[token id]`` descending, ties keeping the smaller token id first.
 
-    Leaves the detected token ids in ``ids``; returns ``(new pos, number detected)``."""
-    m = 0
-    for j in range(lo, hi):
-        g = col_map[indices[j]]
-        if data[j] > 0 and g >= 0:
-            ids[m] = g
-            m += 1
-    vals = np.empty(m, dtype=np.float64)
-    m = 0
-    for j in range(lo, hi):
-        g = col_map[indices[j]]
-        if data[j] > 0 and g >= 0:
-            vals[m] = data[j] / total * target_sum / medians[g]  # Geneformer's order of operations
-            m += 1
-    by_id = np.argsort(ids[:m])
-    neg = np.empty(m, dtype=np.float64)
-    for r in range(m):
-        neg[r] = -vals[by_id[r]]
-    order = np.argsort(neg, kind="mergesort")  # stable: equal values keep ascending token ids
-    for r in range(min(top_k, m)):
-        e = by_id[order[r]]
-        out_ids[pos] = ids[e]
-        out_values[pos] = np.float32(vals[e])
-        pos += 1
-    return pos, m
+    Rounding to float32 never reverses the order of two values, so only those runs can be out of float64 order. A run
+    that crosses position ``k`` is ordered over its whole length (its keys beyond ``k`` follow in ``top[k:n]``), so
+    the first ``k`` are the float64 top ``k``.
+    """
+    r = 0
+    while r < k:
+        value = top[r] >> _S32
+        e = r + 1
+        while e < n and (top[e] >> _S32) == value:
+            e += 1
+        for a in range(r + 1, e):  # insertion sort, stable: equal float64 values keep ascending token ids
+            key = top[a]
+            v = exact[np.int64(_LOW32 - (key & _LOW32))]
+            q = a - 1
+            while q >= r and exact[np.int64(_LOW32 - (top[q] & _LOW32))] < v:
+                top[q + 1] = top[q]
+                q -= 1
+            top[q + 1] = key
+        r = e
 
 
 @numba.njit(cache=True, nogil=True)
@@ -218,8 +219,12 @@ def _encode(
     vectorise; after the first row with an unmapped column, entries are checked one by one); a second
     builds a uint64 key per gene (the float32 bits of ``v``, monotonic for ``v > 0``, in the high word; the
     complemented token id in the low word, so "key descending" means "v descending, then token id ascending") and
-    counts the keys per radix bucket; a third marks the genes and counts the detected zero-sampling candidates.
-    :func:`_top_keys` then picks and sorts the winners.
+    counts the keys per radix bucket; with zero sampling, a third marks the genes and counts the detected
+    zero-sampling candidates.
+    :func:`_top_keys` then picks and sorts the winners. With ``rank64`` (Geneformer's ranking) ``v`` is computed in
+    float64 as Geneformer does, its float32 rounding makes the key, and :func:`_order_near_ties` puts the genes whose
+    float32 values are equal into their float64 order (the same result as sorting the float64 values, at the cost of
+    the float32 sort).
     """
     n_cells = indptr.shape[0] - 1
     vocab_size = candidate_mask.shape[0]
@@ -239,6 +244,7 @@ def _encode(
     values = np.empty(max_nnz, dtype=np.float32)
     value_bits = values.view(np.uint32)
     hist = np.zeros(_N_BUCKETS, dtype=np.int64)
+    exact = np.zeros(vocab_size if rank64 else 0, dtype=np.float64)  # rank64: each detected gene's float64 value
     one = np.zeros(1, dtype=np.float32)
     one_bits = one.view(np.uint32)  # reinterpret float32 <-> uint32 through a one-element buffer
     pos = 0
@@ -253,54 +259,61 @@ def _encode(
         start = pos
         stamp = i + 1
         n_free = n_cand
-        if rank64:
-            pos, m = _rank_float64(indices, data, col_map, lo, hi, totals[i], target_sum, medians, top_k, ids,
-                                   out_ids, out_values, pos)
+        total = totals[i]
+        scale = target_sum / total if hi > lo else 0.0
+        mapped = dense
+        if dense:
+            m = hi - lo
             for r in range(m):
-                taken[ids[r]] = stamp
-                if candidate_mask[ids[r]]:
-                    n_free -= 1
-        else:
-            scale = target_sum / totals[i] if hi > lo else 0.0
-            mapped = dense
-            if dense:
-                m = hi - lo
+                g = col_map[indices[lo + r]]
+                ids[r] = g
+                mapped &= g >= 0
+            if mapped and rank64:
                 for r in range(m):
-                    g = col_map[indices[lo + r]]
-                    ids[r] = g
-                    mapped &= g >= 0
-                if mapped:
-                    for r in range(m):
-                        values[r] = np.float32(data[lo + r] * scale / medians[ids[r]])
-                else:  # a column outside the vocabulary: skip entries from here on
-                    dense = False
-            if not mapped:
-                m = 0
-                for j in range(lo, hi):
-                    g = col_map[indices[j]]
-                    if data[j] > 0 and g >= 0:
+                    g = ids[r]
+                    v = data[lo + r] / total * target_sum / medians[g]  # Geneformer's order of operations
+                    exact[g] = v
+                    values[r] = np.float32(v)
+            elif mapped:
+                for r in range(m):
+                    values[r] = np.float32(data[lo + r] * scale / medians[ids[r]])
+            else:  # a column outside the vocabulary: skip entries from here on
+                dense = False
+        if not mapped:
+            m = 0
+            for j in range(lo, hi):
+                g = col_map[indices[j]]
+                if data[j] > 0 and g >= 0:
+                    if rank64:
+                        v = data[j] / total * target_sum / medians[g]
+                        exact[g] = v
+                        values[m] = np.float32(v)
+                    else:
                         values[m] = np.float32(data[j] * scale / medians[g])
-                        ids[m] = g
-                        m += 1
-            low, high = _N_BUCKETS, -1
-            for r in range(m):
-                key = (np.uint64(value_bits[r]) << _S32) | (_LOW32 - np.uint64(ids[r]))
-                keys[r] = key
-                b = np.int64(key >> _S53)
-                hist[b] += 1
-                low = min(low, b)
-                high = max(high, b)
+                    ids[m] = g
+                    m += 1
+        low, high = _N_BUCKETS, -1
+        for r in range(m):
+            key = (np.uint64(value_bits[r]) << _S32) | (_LOW32 - np.uint64(ids[r]))
+            keys[r] = key
+            b = np.int64(key >> _S53)
+            hist[b] += 1
+            low = min(low, b)
+            high = max(high, b)
+        if n_zeros > 0:  # the zero sampling draws around the detected genes
             for r in range(m):
                 taken[ids[r]] = stamp
                 n_free -= candidate_mask[ids[r]]
-            k = min(top_k, m)
-            _top_keys(keys, m, k, hist, low, high, top, chosen, scratch, digits)
-            for r in range(k):
-                key = top[r]
-                out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
-                one_bits[0] = np.uint32(key >> _S32)
-                out_values[pos] = one[0]
-                pos += 1
+        k = min(top_k, m)
+        n = _top_keys(keys, m, k, hist, low, high, top, chosen, scratch, digits)
+        if rank64:
+            _order_near_ties(top, k, n, exact)
+        for r in range(k):
+            key = top[r]
+            out_ids[pos] = np.int64(_LOW32 - (key & _LOW32))
+            one_bits[0] = np.uint32(key >> _S32)
+            out_values[pos] = one[0]
+            pos += 1
         detected[i] = m
         for p in range(start, pos):
             out_zero[p] = 0
@@ -345,6 +358,22 @@ def _encode(
             out_zero[pos] = 0
             pos += 1
     offsets[n_cells] = pos
+
+
+class OutputBuffers:
+    """The token arrays of :func:`encode_chunk`, kept from one call to the next: a chunk's tokens then land in memory
+    already mapped and in the caches, instead of fresh pages the kernel has to fault in and zero for every chunk. The
+    tokens a call returns are views into these arrays, valid until the next call with the same buffers."""
+
+    def __init__(self) -> None:
+        self._arrays = (np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int8))
+
+    def take(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, values, is_zero)`` of ``size`` entries each (grown by a quarter more than asked when too small)."""
+        if len(self._arrays[0]) < size:
+            grown = int(size * 1.25)
+            self._arrays = tuple(np.empty(grown, dtype=a.dtype) for a in self._arrays)
+        return tuple(a[:size] for a in self._arrays)
 
 
 def _native(array: np.ndarray, allowed: tuple, fallback) -> np.ndarray:
@@ -443,11 +472,13 @@ def encode_chunk(
     col_map: np.ndarray | None = None,
     indices_checked: bool = False,
     positive: bool | None = None,
+    buffers: OutputBuffers | None = None,
 ) -> tuple[RankTokens, np.ndarray]:
     """:func:`rank_encode`, also returning each cell's number of detected genes (int64), so that a caller can drop
     cells without any (whose encoding holds only special tokens and sampled zeros). A caller that has already
     checked that every index lies within ``col_map`` (``indices_checked``) and whether every value is positive
-    (``positive``) saves those passes over the chunk."""
+    (``positive``) saves those passes over the chunk; one that is done with a chunk's tokens before it encodes the
+    next can pass the same :class:`OutputBuffers` to every call."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = _native(indices, _INDEX_TYPES, np.int64)
     data = _native(data, _DATA_TYPES, np.float64)
@@ -493,9 +524,7 @@ def encode_chunk(
     n_extra = int(cls_id is not None) + int(eos_id is not None)
     bound = int(np.minimum(np.diff(indptr), top_k).sum()) + n_cells * (min(n_zeros, len(candidates)) + n_extra)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
-    out_ids = np.empty(bound, dtype=np.int32)
-    out_values = np.empty(bound, dtype=np.float32)
-    out_zero = np.empty(bound, dtype=np.int8)
+    out_ids, out_values, out_zero = (buffers or OutputBuffers()).take(bound)
     detected = np.zeros(n_cells, dtype=np.int64)
     _encode(
         indptr, indices, data, col_map, totals, medians, seeds, candidates, candidate_mask, int(top_k), int(n_zeros),

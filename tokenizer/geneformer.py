@@ -87,7 +87,7 @@ def load_geneformer_dicts(directory: str | os.PathLike) -> GeneformerDicts:
         symbols = [best.get(g, "") for g in genes]
     mapping = None
     if (directory / MAPPING_FILE).is_file():
-        mapping = {str(k).upper(): v for k, v in _read_json(directory / MAPPING_FILE).items() if v in tokens}
+        mapping = {k.upper(): v for k, v in _read_json(directory / MAPPING_FILE).items() if v in tokens}
     n = len(genes)
     vocab = GeneVocab(
         gene_ids=genes,

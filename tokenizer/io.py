@@ -3,7 +3,8 @@
 An h5ad file is opened with h5py and its matrix (``X``, a named layer, or ``raw/X``) is read in row chunks: a CSR
 matrix by slicing ``indptr``, ``indices`` and ``data``; a dense 2-D dataset by row blocks. The whole matrix is never
 loaded, so memory stays flat however many cells a file holds. ``obs`` and ``var`` columns are small and are read whole
-with anndata's element readers. An in-memory :class:`anndata.AnnData` is wrapped behind the same interface.
+with anndata's element readers. A ``.loom`` file (Geneformer's other input format: genes x cells, dense) is read
+in column blocks by :class:`LoomSource`. An in-memory :class:`anndata.AnnData` is wrapped behind the same interface.
 
 Every chunk is checked as it is read: negative, NaN/inf and (unless ``allow_non_integer``) non-integer values raise
 :class:`~tokenizer.errors.InvalidCountsError` naming the file, the first offending cell and gene.
@@ -16,6 +17,7 @@ block is read by a background thread while the one before is worked on (:func:`r
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import logging
 import os
@@ -27,7 +29,6 @@ import h5py
 import numba
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .errors import CorruptFileError, InputError, InvalidCountsError
 
@@ -293,6 +294,8 @@ class AnnDataSource(CountSource):
             matrix, self._var = adata.layers[layer], adata.var
         if matrix is None:
             raise InputError(f"{name} has no count matrix (X is None)")
+        import scipy.sparse as sp  # only in-memory AnnData needs it: files are read with h5py
+
         if sp.issparse(matrix) and matrix.format == "csc":
             logger.warning("%s: converting a CSC matrix to CSR in memory to read cells", name)
             matrix = matrix.tocsr()
@@ -312,6 +315,8 @@ class AnnDataSource(CountSource):
         return self.adata.obs[key].reset_index(drop=True)
 
     def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
+        import scipy.sparse as sp
+
         m = self._matrix
         if sp.issparse(m) and m.format == "csr":
             lo, hi = int(m.indptr[start]), int(m.indptr[stop])
@@ -323,6 +328,103 @@ class AnnDataSource(CountSource):
         return _dense_to_chunk(start, np.asarray(block))
 
 
+class LoomSource(CountSource):
+    """A ``.loom`` file as Geneformer reads it, opened lazily with h5py: genes in rows with their Ensembl ids in the
+    row attribute ``ensembl_id``, cells in columns, the column attributes as obs (``n_counts`` among them, optionally;
+    ``CellID`` names the cells when present, as loompy writes it). ``layer`` reads ``layers/<layer>`` instead of
+    ``matrix``.
+
+    The loom format stores a dense genes x cells matrix, so a block of cells is read as column blocks of at most
+    ``COLUMNS`` cells (memory: genes x ``COLUMNS`` values) and turned into CSR rows. Attributes are decoded as loompy
+    decodes them (bytes as text, XML character references unescaped). loompy itself (the ``loom`` extra) is not needed
+    to read: importing it compiles numba code and takes seconds.
+    """
+
+    GENE_ID = "ensembl_id"
+    CELL_ID = "CellID"
+    COLUMNS = 256
+
+    def __init__(self, path: str | os.PathLike, layer: str | None = None):
+        self.path = Path(path)
+        self.name = str(path)
+        self.stem = self.path.stem
+        if not self.path.is_file():
+            raise InputError(f"input file not found: {self.name}")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise CorruptFileError(f"{self.name} is not a readable loom (HDF5) file: {err}") from None
+        try:
+            self._open(layer)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, layer: str | None) -> None:
+        f = self._file
+        if not isinstance(f.get("matrix"), h5py.Dataset) or "row_attrs" not in f or "col_attrs" not in f:
+            raise CorruptFileError(f"{self.name} is an HDF5 file but not a loom file (no matrix, row_attrs and "
+                                   "col_attrs)")
+        if layer is None:
+            self._matrix = f["matrix"]
+        else:
+            layers = f.get("layers", {})
+            if layer not in layers:
+                raise InputError(f"{self.name} has no layer {layer!r}; available layers: "
+                                 f"{', '.join(layers.keys()) or '(none)'}")
+            self._matrix = layers[layer]
+        if self._matrix.ndim != 2:
+            raise CorruptFileError(f"{self.name}: its matrix is not 2-D")
+        self.n_vars, self.n_obs = (int(n) for n in self._matrix.shape)
+        self._rows, self._cols = f["row_attrs"], f["col_attrs"]
+        if self.GENE_ID not in self._rows:
+            raise InputError(f"{self.name} has no row attribute {self.GENE_ID!r}; express reads loom files as "
+                             "Geneformer does: genes in rows with their Ensembl ids in row attribute "
+                             f"{self.GENE_ID!r}, cells in columns (row attributes here: "
+                             f"{', '.join(self._rows.keys()) or '(none)'})")
+
+    def _attr(self, group, key: str) -> np.ndarray:
+        try:
+            values = group[key][...]
+        except (OSError, KeyError, ValueError, TypeError) as err:  # what h5py raises for damaged datasets
+            raise CorruptFileError(f"{self.name}: cannot read {group.name}/{key} ({err})") from None
+        if values.dtype.kind in "SO":  # text, as loompy decodes it
+            text = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+            return np.array([html.unescape(t) if "&" in t else t for t in text], dtype=object)
+        return values
+
+    def _keys(self, group, n: int) -> list[str]:
+        return [k for k in group if isinstance(group[k], h5py.Dataset) and group[k].shape == (n,)]
+
+    def var(self) -> pd.DataFrame:
+        columns = {k: self._attr(self._rows, k) for k in self._keys(self._rows, self.n_vars)}
+        return pd.DataFrame(columns, index=pd.Index(np.asarray(columns[self.GENE_ID]).astype(str)))
+
+    def obs_names(self) -> np.ndarray:
+        if self.CELL_ID in self._keys(self._cols, self.n_obs):
+            return np.asarray(self._attr(self._cols, self.CELL_ID)).astype(str)
+        return np.arange(self.n_obs).astype(str)
+
+    def obs_keys(self) -> list[str]:
+        return [k for k in self._keys(self._cols, self.n_obs) if k != self.CELL_ID]
+
+    def obs_column(self, key: str) -> pd.Series:
+        return pd.Series(self._attr(self._cols, key))
+
+    def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
+        parts = [_dense_to_chunk(a, np.ascontiguousarray(self._matrix[:, a:min(a + self.COLUMNS, stop)].T))
+                 for a in range(start, stop, self.COLUMNS)]
+        if len(parts) == 1:
+            return parts[0]
+        sizes = np.array([len(p.data) for p in parts])
+        indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, np.cumsum(sizes) - sizes)])
+        return RawChunk(start, indptr.astype(np.int64), np.concatenate([p.indices for p in parts]),
+                        np.concatenate([p.data for p in parts]))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _dense_to_chunk(start: int, block: np.ndarray) -> RawChunk:
     rows, cols = np.nonzero(block)  # NaN counts as non-zero, so it is caught by the checks
     indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
@@ -331,10 +433,12 @@ def _dense_to_chunk(start: int, block: np.ndarray) -> RawChunk:
 
 
 def open_source(item, layer: str | None = None) -> CountSource:
-    """A :class:`CountSource` for a path (h5ad) or an AnnData object."""
+    """A :class:`CountSource` for a path (``.loom``: :class:`LoomSource`, anything else h5ad) or an AnnData object."""
     if isinstance(item, CountSource):
         return item
     if isinstance(item, (str, os.PathLike)):
+        if str(item).lower().endswith(".loom"):
+            return LoomSource(item, layer=layer)
         return H5adSource(item, layer=layer)
     if hasattr(item, "obs") and hasattr(item, "var") and hasattr(item, "X"):
         return AnnDataSource(item, layer=layer)

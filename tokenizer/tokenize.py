@@ -1,8 +1,9 @@
-"""Tokenization (``express-tokenize tokenize``): h5ad files in, a Hugging Face ``datasets`` folder out.
+"""Tokenization (``express-tokenize tokenize``): h5ad (or loom) files in, a Hugging Face ``datasets`` folder out.
 
 Every input is read in row chunks; each chunk is mapped to vocabulary token ids, checked, and encoded by
 :func:`tokenizer.encode.rank_encode` (compiled, no per-cell Python), then turned into an Arrow record batch straight
-from the flat token arrays and their offsets. Work is split into row blocks; with ``num_workers > 1`` worker processes
+from the flat token arrays and their offsets. Work is split into row blocks; with ``num_workers > 1`` worker threads
+(the kernels, HDF5 reads and Arrow writes release the GIL; threads share one process's memory and need no start-up)
 each write their blocks to their own Arrow files, and the dataset lists the files in block order, so rows keep the
 input order (file by file, cell by cell) whatever the number of workers. Zero sampling is seeded per cell from the
 global seed and a key made of the file name and the row, so it does not depend on chunking or workers either.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .encode import encode_chunk, mix_seeds
+from .encode import OutputBuffers, encode_chunk, mix_seeds
 from .errors import InputError
 from .geneformer import GeneformerDicts, geneformer_spec, load_geneformer_dicts
 from .io import (
@@ -46,7 +48,7 @@ from .io import (
     read_obs_totals,
 )
 from .output import check_output, staged_dir, write_bytes
-from .parallel import run_tasks
+from .parallel import run_threads
 from .dataset import TokenizedCells
 from .spec import TokenizationSpec
 from .vocab import GeneVocab
@@ -54,6 +56,10 @@ from .vocab import GeneVocab
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+CHUNK_SIZE = 2048  # cells read and encoded at a time by default
+# Geneformer mode keeps every detected gene (V2: up to 4,094, ~1,600 in a typical 10x cell) where express mode keeps
+# 256 + 50 zeros, so it reads fewer cells at a time for about the same tokens (and memory) per chunk
+GENEFORMER_CHUNK_SIZE = 512
 RESERVED_COLUMNS = ("input_ids", "values", "is_zero", "length", "total_counts", "cell_id", "source", "counts_ids",
                     "counts")
 
@@ -152,6 +158,7 @@ class _Context:
     key: int
     obs_names: pa.Array
     obs: dict[str, pa.Array]
+    buffers: OutputBuffers | None = None  # reused by every chunk when each batch is written before the next is made
 
 
 def _open_context(info: SourceInfo, cfg: dict, obs_types: dict[str, pa.DataType], encoder: _Encoder) -> _Context:
@@ -190,7 +197,7 @@ def _encode_chunk(ctx: _Context, chunk: Chunk, encoder: _Encoder, schema: pa.Sch
             indptr, indices, data, totals, encoder.medians, top_k=spec.top_k, n_zeros=spec.n_zeros,
             zero_candidates=ctx.candidates if spec.n_zeros > 0 else None, cell_seeds=seeds,
             cls_id=encoder.cls_id, eos_id=encoder.eos_id, target_sum=spec.target_sum, rank_dtype=encoder.rank_dtype,
-            col_map=chunk.col_map, indices_checked=True, positive=chunk.positive,
+            col_map=chunk.col_map, indices_checked=True, positive=chunk.positive, buffers=ctx.buffers,
         )
 
     if len(block[0]) == 0:
@@ -268,16 +275,23 @@ class _Unit:
     cfg: dict
 
 
-_CONTEXTS: dict[tuple, _Context] = {}  # per process: opened sources, reused by the units of the same file
+_CONTEXTS: dict[tuple, _Context] = {}  # opened sources by (thread, input), reused by a thread's units of one file
+_CONTEXTS_LOCK = threading.Lock()
 
 
 def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
-    key = (unit.source.index, unit.source.name)
-    ctx = _CONTEXTS.get(key)
+    thread = threading.get_ident()
+    key = (thread, unit.source.index, unit.source.name)
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(key)
+        stale = [_CONTEXTS.pop(k) for k in list(_CONTEXTS) if k[0] == thread and k != key]  # one file per thread
+    for old in stale:
+        old.source.close()
     if ctx is None:
-        for old in list(_CONTEXTS):  # one file open at a time per process
-            _CONTEXTS.pop(old).source.close()
-        ctx = _CONTEXTS[key] = _open_context(unit.source, unit.cfg, unit.obs_types, unit.encoder)
+        ctx = _open_context(unit.source, unit.cfg, unit.obs_types, unit.encoder)
+        ctx.buffers = OutputBuffers()  # each batch below is written out before the next is encoded
+        with _CONTEXTS_LOCK:
+            _CONTEXTS[key] = ctx
     counters = _new_counters()
     with pa.OSFile(unit.path, "wb") as sink, pa.ipc.new_stream(sink, unit.schema) as writer:
         for batch in iter_record_batches(ctx, unit.start, unit.stop, unit.encoder, unit.schema,
@@ -287,19 +301,11 @@ def _run_unit(unit: _Unit, report: Callable[[int], None]) -> dict:
     return counters
 
 
-def _warmup(unit: _Unit) -> None:
-    """Encode the first cells of a unit and throw them away: loads the compiled kernels before workers fork."""
-    ctx = _open_context(unit.source, unit.cfg, unit.obs_types, unit.encoder)
-    try:
-        stop = min(unit.start + 2, unit.stop)
-        list(iter_record_batches(ctx, unit.start, stop, unit.encoder, unit.schema, 2, _new_counters()))
-    finally:
-        ctx.source.close()
-
-
 def _close_contexts() -> None:
-    for key in list(_CONTEXTS):
-        _CONTEXTS.pop(key).source.close()
+    with _CONTEXTS_LOCK:
+        contexts = [_CONTEXTS.pop(key) for key in list(_CONTEXTS)]
+    for ctx in contexts:
+        ctx.source.close()
 
 
 # --- planning ---------------------------------------------------------------------------------------------------------
@@ -340,9 +346,9 @@ def _plan_sources(inputs, vocab: GeneVocab, collapse: dict | None, cfg: dict, ob
             ids = genes.ids
             n_uncollapsed = 0
             if collapse is not None:
-                mapped = pd.Series(ids).str.upper().map(collapse)
-                n_uncollapsed = int((mapped.isna() & (pd.Series(ids) != "")).sum())
-                ids = mapped.fillna("").to_numpy(dtype=str)
+                mapped = [collapse.get(i.upper(), "") for i in ids.tolist()]  # a lookup per gene: the map is large
+                n_uncollapsed = sum(1 for i, m in zip(ids.tolist(), mapped) if i and not m)
+                ids = np.array(mapped, dtype=str)
             col_map = column_map(ids, target)
             # token ids are gene positions shifted past the special tokens
             col_map = np.where(col_map >= 0, col_map + vocab.n_special, -1)
@@ -440,7 +446,9 @@ def _summarise(counters: list[dict], infos: list[SourceInfo]) -> dict:
     }
 
 
-def _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size) -> dict:
+def _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size, geneformer: bool) -> dict:
+    if chunk_size is None:
+        chunk_size = GENEFORMER_CHUNK_SIZE if geneformer else CHUNK_SIZE
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     return {"layer": layer, "gene_id_key": gene_id_key, "total_counts_key": total_counts_key,
@@ -489,14 +497,15 @@ def tokenize_files(
     geneformer_dicts: str | os.PathLike | None = None,
     model_input_size: int | None = None,
     num_workers: int = 1,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Tokenize h5ad files into a ``datasets`` folder at ``out_dir``; returns ``out_dir``.
+    """Tokenize h5ad (or loom) files into a ``datasets`` folder at ``out_dir``; returns ``out_dir``.
 
     Args:
-        inputs: h5ad files, tokenized in this order.
+        inputs: h5ad files, tokenized in this order; ``.loom`` files are read as Geneformer reads them (genes in
+            rows with their ids in row attribute ``ensembl_id``, cells in columns, column attributes as obs).
         stats: a statistics folder from ``fit`` (or any folder ``GeneVocab.load`` reads, or a ``GeneVocab``);
             ``None`` with ``geneformer_dicts``.
         out_dir: the dataset folder to create (refused if it exists, unless ``overwrite``).
@@ -510,8 +519,9 @@ def tokenize_files(
         total_counts_key: obs column with library sizes (default: row sums over all genes of the matrix).
         allow_non_integer: accept non-integer values (negative and NaN values are always refused).
         geneformer_dicts, model_input_size: Geneformer mode (folder of its JSON dictionaries; 2048 = V1, 4096 = V2).
-        num_workers: worker processes; the output does not depend on it.
-        chunk_size: cells read and encoded at a time (memory scales with it, not with the corpus).
+        num_workers: worker threads (the encoding runs outside the GIL); the output does not depend on it.
+        chunk_size: cells read and encoded at a time (memory scales with it, not with the corpus); default 2048, 512
+            in Geneformer mode (whose cells keep all their detected genes).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -522,7 +532,8 @@ def tokenize_files(
         raise InputError(f"num_workers must be >= 1, got {num_workers}")
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
-    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
+    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size, geneformer_dicts is not None)
+    chunk_size = cfg["chunk_size"]
     vocab, encoder, infos, obs_types, params = _prepare(inputs, stats, geneformer_dicts, model_input_size, spec,
                                                         keep_counts, obs_keys, gene_map, cfg)
     schema = dataset_schema(encoder, obs_types)
@@ -537,8 +548,8 @@ def tokenize_files(
         units = [_Unit(k, info, a, b, str(tmp / names[k]), encoder, obs_types, schema, cfg)
                  for k, (info, a, b) in enumerate(blocks)]
         try:
-            counters = run_tasks(_run_unit, units, num_workers=num_workers, total=total, desc="tokenize",
-                                 progress=progress, warmup=lambda: _warmup(units[0]))
+            counters = run_threads(_run_unit, units, num_workers=num_workers, total=total, desc="tokenize",
+                                   progress=progress)
         finally:
             _close_contexts()
         summary = _summarise(counters, infos)
@@ -611,7 +622,7 @@ def tokenize_adata(
     allow_non_integer: bool = False,
     geneformer_dicts: str | os.PathLike | None = None,
     model_input_size: int | None = None,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     source_name: str = "adata",
 ) -> TokenizedCells:
     """Tokenize an in-memory AnnData (same columns and encoding as :func:`tokenize_files`); returns the cells with
@@ -622,13 +633,13 @@ def tokenize_adata(
     from .io import AnnDataSource
 
     source = AnnDataSource(adata, layer=layer, name=source_name)
-    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size)
+    cfg = _config(layer, gene_id_key, total_counts_key, allow_non_integer, chunk_size, geneformer_dicts is not None)
     vocab, encoder, infos, obs_types, _ = _prepare([source], vocab, geneformer_dicts, model_input_size, spec,
                                                    keep_counts, obs_keys, gene_map, cfg)
     schema = dataset_schema(encoder, obs_types)
     ctx = _open_context(infos[0], cfg, obs_types, encoder)
     counters = _new_counters()
-    batches = list(iter_record_batches(ctx, 0, source.n_obs, encoder, schema, chunk_size, counters))
+    batches = list(iter_record_batches(ctx, 0, source.n_obs, encoder, schema, cfg["chunk_size"], counters))
     table = pa.Table.from_batches(batches, schema=schema)
     if counters["skipped_zero_counts"] or counters["skipped_no_vocabulary_genes"]:
         logger.info("%s: left out %d cells with zero counts and %d without vocabulary genes", source_name,

@@ -73,9 +73,51 @@ def _filtered_copy(path: Path, out: Path, datasets: dict[str, BenchmarkData]) ->
     return target, record
 
 
+def _subsample(path: Path, out: Path, max_cells: int) -> Path:
+    """``path`` cut to ``max_cells`` random cells (seeded, in file order), or ``path`` when it is that small."""
+    import anndata as ad
+    import numpy as np
+
+    from tokenizer.output import staged_file
+
+    adata = ad.read_h5ad(path, backed="r")
+    if adata.n_obs <= max_cells:
+        adata.file.close()
+        return path
+    target = out / path.name
+    if not target.is_file():
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, max_cells, replace=False))
+        with staged_file(target, overwrite=True) as tmp:
+            adata[rows].to_memory().write_h5ad(tmp)
+    adata.file.close()
+    return target
+
+
+def _with_symbols(path: Path, out: Path) -> Path:
+    """``path``, or a copy with ``var['gene_symbol']`` = its var_names when it has no such column (a user's file)."""
+    import anndata as ad
+
+    from tokenizer.output import staged_file
+
+    adata = ad.read_h5ad(path, backed="r")
+    if GENE_ID_KEY in adata.var.columns:
+        adata.file.close()
+        return path
+    target = out / path.name
+    if not target.is_file():
+        memory = adata.to_memory()
+        memory.var[GENE_ID_KEY] = memory.var_names.astype(str)
+        with staged_file(target, overwrite=True) as tmp:
+            memory.write_h5ad(tmp)
+    adata.file.close()
+    return target
+
+
 def build_corpus(datasets: dict[str, BenchmarkData], data_dir: Path, out: Path, *, spec: TokenizationSpec,
-                 min_cells: int = 10, exclude_test_cells: bool = True, overwrite: bool = False) -> BenchmarkCorpus:
-    """Tokenize ``datasets`` into one corpus under ``out`` (see the module docstring); cached."""
+                 min_cells: int = 10, exclude_test_cells: bool = True, max_cells: int | None = None,
+                 overwrite: bool = False) -> BenchmarkCorpus:
+    """Tokenize ``datasets`` into one corpus under ``out`` (see the module docstring); cached. ``max_cells``: each
+    file is first cut to that many random cells (the quick benchmark), and every task reads the cut files."""
     import tokenizer
 
     out = Path(out)
@@ -85,8 +127,11 @@ def build_corpus(datasets: dict[str, BenchmarkData], data_dir: Path, out: Path, 
             else data.path(data_dir)
         if not files[name].is_file():
             raise FileNotFoundError(f"benchmark data {files[name]} is missing")
+        files[name] = _with_symbols(files[name], out / "inputs" / "symbols")
+        if max_cells is not None:
+            files[name] = _subsample(files[name], out / "inputs" / "subsample", max_cells)
     record = {"files": {k: str(v) for k, v in files.items()}, "spec": spec.to_dict(), "min_cells": min_cells,
-              "exclude_test_cells": exclude_test_cells, "gene_id_key": GENE_ID_KEY}
+              "exclude_test_cells": exclude_test_cells, "gene_id_key": GENE_ID_KEY, "max_cells": max_cells}
     record_file = out / "corpus.json"
     cached = not overwrite and record_file.is_file() and json.loads(record_file.read_text()).get("record") == record
     inputs, left_out = {}, {}

@@ -194,3 +194,73 @@ def mcv_reference(model, loader, corpus) -> dict[str, dict[str, float]]:
             acc += [float(nll[i]), float(ref_nll[i]), float(held[i])]
     return {name: {"model": float(a[0] / max(a[2], 1)), "mean_profile": float(a[1] / max(a[2], 1))}
             for name, a in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The zero-shot task
+# ---------------------------------------------------------------------------------------------------------------------
+from .suite import register  # noqa: E402 -- the task registry (suite imports this module lazily)
+
+
+def labelled_datasets(bench) -> list[str]:
+    return [n for n, d in bench.datasets.items() if d.label_key is not None and d.name != "kang_stim"]
+
+
+def eval_cells(bench, name: str, seed: int) -> tuple[TokenizedCells, np.ndarray, np.ndarray]:
+    """The tokenized cells of ``name`` the k-NN scores use: labelled ones, subsampled to the budget (seeded)."""
+    from .common import subsample
+
+    cells = TokenizedCells.load(bench.corpus.complete[name])
+    data = bench.datasets[name]
+    import pandas as pd
+
+    labels = np.asarray(cells.dataset[data.label_key], dtype=object).astype(str)
+    keep = np.flatnonzero(data.labelled(pd.DataFrame({data.label_key: labels})))
+    keep = keep[subsample(len(keep), bench.budget.knn_cells, seed)]
+    return cells, keep, labels[keep]
+
+
+@register("zeroshot", lambda bench: labelled_datasets(bench))
+def zeroshot_task(bench, name: str, seed: int) -> dict:
+    """Frozen embeddings of ``name``'s labelled cells: express pretrained / at random weights (the model's own
+    pooling; the other poolings as diagnostics), PCA, the bag of genes, the group histogram, and scVI's latent."""
+    import anndata as ad
+
+    from modeling import ExpressForMaskedModeling
+
+    from . import scvi_arms
+    from .common import model_dir
+
+    cells, rows, labels = eval_cells(bench, name, seed)
+    adata = ad.read_h5ad(bench.corpus.files[name])
+    ids = np.asarray(cells.dataset.select(rows.tolist())["cell_id"], dtype=object)
+    adata = adata[adata.obs_names.get_indexer(ids)].copy()
+    features = {"pca": pca_features(adata, seed=seed), "bag_of_genes": bag_of_genes(cells, rows, seed=seed),
+                "group_histogram": group_histogram(cells, rows)}
+    diagnostics = {}
+    for arm, variant in (("express_pretrained", "default"), ("express_random_init", "random")):
+        model = ExpressForMaskedModeling.from_pretrained(model_dir(bench, seed, variant))
+        pooled = model_embeddings(model, cells, rows)
+        features[arm] = pooled[model.config.classifier_pooling]
+        for pooling, emb in pooled.items():
+            diagnostics[f"{arm}_{pooling}"] = score_embedding(emb, labels, seed=seed, full=False)
+    if scvi_arms.missing() is None:
+        data = bench.datasets[name]
+        features["scvi"] = scvi_arms.scvi_latent(adata, batch_key=data.batch_key, epochs=bench.budget.scvi_epochs,
+                                                 seed=seed)
+    else:
+        bench.notes.append(f"scvi-tools arms skipped: {scvi_arms.missing()}")
+    scores = {arm: _flat(score_embedding(x, labels, seed=seed)) for arm, x in features.items()}
+    return {"zeroshot": scores, "zeroshot_poolings": {k: _flat(v) for k, v in diagnostics.items()}}
+
+
+def _flat(score: dict) -> dict[str, float]:
+    """``{"raw": {"macro_f1": ..}, "label_silhouette": ..}`` -> ``{"macro_f1": .., "macro_f1_cosine": .., ...}``."""
+    out = {}
+    for key, value in score.items():
+        if isinstance(value, dict):
+            for metric, v in value.items():
+                out[metric if key == "raw" else f"{metric}_{key}"] = v
+        else:
+            out[key] = value
+    return out
