@@ -40,6 +40,7 @@ import torch
 
 from modeling import ExpressConfig, ExpressVAEConfig
 from modeling.modeling_heads import ExpressHeadPreTrainedModel
+from pretrain.data import label_categories
 from tokenizer import GeneVocab, TokenizationSpec
 
 from .data import (
@@ -47,7 +48,6 @@ from .data import (
     cells_for_model,
     collator_for,
     fit_protein_reference,
-    label_categories,
     measured_spec,
     protein_counts,
     require_obs,

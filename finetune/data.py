@@ -29,6 +29,7 @@ import torch
 from modeling.configuration_express import PROTEIN_NORMS
 from modeling.modeling_express import IGNORE_INDEX
 from modeling.vae import normalize_protein_counts
+from pretrain.data import encode_labels
 from tokenizer import GeneVocab, InputError, TokenizationSpec
 
 logger = logging.getLogger(__name__)
@@ -184,25 +185,6 @@ def normalize_proteins(counts: np.ndarray, method: str = "clr", reference: Seque
 # ---------------------------------------------------------------------------------------------------------------------
 # Cell tables
 # ---------------------------------------------------------------------------------------------------------------------
-def encode_labels(values: Sequence, categories: Sequence[str], *, unlabelled: Sequence[str] = ()) -> np.ndarray:
-    """Category index per cell; ``UNLABELLED`` (-100) for missing values, ``unlabelled`` markers and values that are
-    not among ``categories`` (held-out cell types the model was not trained on)."""
-    index = {c: i for i, c in enumerate(categories)}
-    skip = {str(u) for u in unlabelled}
-    out = np.full(len(values), UNLABELLED, dtype=np.int64)
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) in skip:
-            continue
-        out[i] = index.get(str(v), UNLABELLED)
-    return out
-
-
-def label_categories(values: Sequence, *, unlabelled: Sequence[str] = ()) -> list[str]:
-    """Sorted distinct labels, leaving out missing values and ``unlabelled`` markers."""
-    skip = {str(u) for u in unlabelled} | {"nan", "None"}
-    return sorted({str(v) for v in pd.Series(values).dropna()} - skip)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Cells for a model
 # ---------------------------------------------------------------------------------------------------------------------

@@ -104,11 +104,14 @@ class ExpressConfig(PretrainedConfig):
             (``pair_*`` inputs) should be nearer each other than other cells' (InfoNCE over the batch).
         contrastive_dim (`int`, defaults to 64), contrastive_temperature (`float`, defaults to 0.1):
             Width of the projection and the softmax temperature of the contrastive loss.
+        use_celltype_head (`bool`, defaults to `False`), cell_type_names (`list[str]`, defaults to `[]`):
+            Build the supervised cell-type head of :class:`ExpressForMaskedModeling` (a linear classifier on the pooled
+            cell embedding over ``cell_type_names``, for corpora with labels; cells without one are not scored).
         use_count_head (`bool`, defaults to `True`):
             Build the zero-truncated count head of :class:`ExpressForMaskedModeling`.
-        mlm_weight, mcv_weight, count_weight, contrastive_weight (`float`, defaults to 1.0):
-            Weights of the masked-gene, MCV, count and contrastive losses in the total loss (each only when its
-            targets are given).
+        mlm_weight, mcv_weight, count_weight, contrastive_weight, celltype_weight (`float`, defaults to 1.0):
+            Weights of the masked-gene, MCV, count, contrastive and cell-type losses in the total loss (each only when
+            its targets are given).
         tie_word_embeddings (`bool`, defaults to `True`):
             Share the MLM decoder's weight with the level-0 gene embedding table (as BERT ties its word embeddings).
         classifier_pooling (`str`, defaults to `"cls"`):
@@ -185,6 +188,8 @@ class ExpressConfig(PretrainedConfig):
         mcv_input: str = "cls",
         mcv_normalization: str = "count",
         use_count_head: bool = True,
+        use_celltype_head: bool = False,
+        cell_type_names: list[str] | None = None,
         use_contrastive_head: bool = False,
         contrastive_dim: int = 64,
         contrastive_temperature: float = 0.1,
@@ -192,6 +197,7 @@ class ExpressConfig(PretrainedConfig):
         mcv_weight: float = 1.0,
         count_weight: float = 1.0,
         contrastive_weight: float = 1.0,
+        celltype_weight: float = 1.0,
         tie_word_embeddings: bool = True,
         classifier_pooling: str = "cls",
         unpad_inputs: bool | None = None,
@@ -238,6 +244,8 @@ class ExpressConfig(PretrainedConfig):
         self.mcv_input = mcv_input
         self.mcv_normalization = mcv_normalization
         self.use_count_head = bool(use_count_head)
+        self.use_celltype_head = bool(use_celltype_head)
+        self.cell_type_names = [str(n) for n in (cell_type_names or [])]
         self.use_contrastive_head = bool(use_contrastive_head)
         self.contrastive_dim = int(contrastive_dim)
         self.contrastive_temperature = float(contrastive_temperature)
@@ -245,6 +253,7 @@ class ExpressConfig(PretrainedConfig):
         self.mcv_weight = float(mcv_weight)
         self.count_weight = float(count_weight)
         self.contrastive_weight = float(contrastive_weight)
+        self.celltype_weight = float(celltype_weight)
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.classifier_pooling = classifier_pooling
         self.unpad_inputs = unpad_inputs
@@ -333,7 +342,9 @@ class ExpressConfig(PretrainedConfig):
               "contrastive_dim must be >= 1 and contrastive_temperature > 0")
         check(not self.value_gating or self.value_embedding_dim > 0,
               "value_gating needs the value embedding (value_embedding_dim > 0)")
-        for name in ("mlm_weight", "mcv_weight", "count_weight", "contrastive_weight"):
+        check(not self.use_celltype_head or len(self.cell_type_names) >= 2,
+              "the cell-type head needs at least two cell_type_names")
+        for name in ("mlm_weight", "mcv_weight", "count_weight", "contrastive_weight", "celltype_weight"):
             check(getattr(self, name) >= 0.0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(0 < self.num_special_tokens < self.vocab_size,
               f"num_special_tokens ({self.num_special_tokens}) must lie in [1, vocab_size={self.vocab_size})")

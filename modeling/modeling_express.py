@@ -337,7 +337,7 @@ class ExpressPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["ExpressEmbeddings", "ExpressLayer"]
     # A checkpoint from one head loads into another (pretraining -> fine-tuning) without listing the other's weights.
-    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count|contrastive)_head\.", r"^(hidden|classifier)\.",
+    _keys_to_ignore_on_load_unexpected = [r"^(mlm|mcv|count|contrastive|celltype)_head\.", r"^(hidden|classifier)\.",
                                           r"^vae\."]
 
     @torch.no_grad()
@@ -674,11 +674,13 @@ class ExpressMaskedModelingOutput(ModelOutput):
             the batch (``mcv_normalization="count"``), or per cell and then averaged over cells (``"cell"``).
         count_loss: mean zero-truncated NB negative log-likelihood of the masked detected genes' counts.
         contrastive_loss: InfoNCE of the two views' projected cell embeddings against the batch's other cells.
+        celltype_loss: mean cross-entropy of the cell type over the labelled cells of the batch.
         logits: gene logits, ``(M, vocab_size)`` at the ``M`` masked positions (``labels != -100``, row-major order)
             when ``labels`` are given, else ``(B, T, vocab_size)`` at every position.
         mcv_logits: ``(B, vocab_size)``; ``softmax(mcv_logits)`` is each gene's predicted share of held-out counts
             (``-inf`` for special tokens).
         mcv_theta: ``(vocab_size,)`` per-gene inverse dispersion of the MCV likelihood.
+        celltype_logits: ``(B, len(cell_type_names))`` logits of the cell-type head.
         count_mean, count_theta: NB mean and inverse dispersion of the count head, at the positions with count
             targets (``(K,)``), or ``(B, T)`` when no targets at all are given (``count_mean`` then needs
             ``library_size``; it is the share of the library otherwise).
@@ -689,11 +691,13 @@ class ExpressMaskedModelingOutput(ModelOutput):
     mcv_loss: torch.Tensor | None = None
     count_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
+    celltype_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     mcv_logits: torch.Tensor | None = None
     mcv_theta: torch.Tensor | None = None
     count_mean: torch.Tensor | None = None
     count_theta: torch.Tensor | None = None
+    celltype_logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -703,7 +707,8 @@ class ExpressMaskedModelingOutput(ModelOutput):
 class ExpressForMaskedModeling(ExpressPreTrainedModel):
     """The encoder with its pretraining heads: masked-gene prediction (MLM), molecular cross-validation (MCV, from
     ``<cls>`` or the pooled cell embedding), zero-truncated counts of masked genes, and the contrastive agreement of
-    two views of a cell. Heads run when their targets are given; with no targets at all (inference) the token and MCV
+    two views of a cell, and (for corpora with labels) the cell type from the pooled embedding. Heads run when their
+    targets are given; with no targets at all (inference) the token and MCV
     heads run and return their predictions."""
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "express.embeddings.gene_embeddings.weight"}
@@ -715,6 +720,8 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         self.mcv_head = ExpressMCVHead(config) if config.use_mcv_head else None
         self.count_head = ExpressCountHead(config) if config.use_count_head else None
         self.contrastive_head = ExpressContrastiveHead(config) if config.use_contrastive_head else None
+        self.celltype_head = nn.Linear(config.pooled_size, len(config.cell_type_names)) \
+            if config.use_celltype_head else None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -736,6 +743,7 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
         pair_values: torch.Tensor | None = None,
         pair_is_zero: torch.Tensor | None = None,
         pair_attention_mask: torch.Tensor | None = None,
+        cell_type_labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -755,6 +763,8 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
                 ``count_targets``.
             pair_input_ids, pair_values, pair_is_zero, pair_attention_mask (`(B, T')`): a second view of each cell
                 -> ``contrastive_loss`` between the two views' cell embeddings.
+            cell_type_labels (`(B,)`): index into ``config.cell_type_names``, -100 for cells without a label
+                -> ``celltype_loss``.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.express(
@@ -762,9 +772,10 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
             output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True, **kwargs,
         )
         sequence = outputs.last_hidden_state  # (B, T, H)
-        inference = labels is None and mcv_counts is None and count_targets is None and pair_input_ids is None
+        inference = labels is None and mcv_counts is None and count_targets is None and pair_input_ids is None \
+            and cell_type_labels is None
         losses: dict[str, torch.Tensor] = {}
-        logits = mcv_logits = mcv_theta = count_mean = count_theta = None
+        logits = mcv_logits = mcv_theta = count_mean = count_theta = celltype_logits = None
 
         if labels is not None:
             masked = labels != IGNORE_INDEX  # (B, T)
@@ -820,8 +831,19 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
             losses["contrastive"] = info_nce(self.contrastive_head(outputs.pooler_output), self.contrastive_head(pair),
                                              self.config.contrastive_temperature)
 
+        if cell_type_labels is not None or (inference and self.celltype_head is not None):
+            if self.celltype_head is None:
+                raise ValueError("cell_type_labels were given but the model has no cell-type head "
+                                 "(config.use_celltype_head=False)")
+            celltype_logits = self.celltype_head(outputs.pooler_output)  # (B, C)
+            if cell_type_labels is not None:
+                labelled = cell_type_labels != IGNORE_INDEX
+                # mean over the labelled cells; a batch without any still gives a parameter-dependent zero (DDP)
+                losses["celltype"] = F.cross_entropy(celltype_logits.float()[labelled], cell_type_labels[labelled]) \
+                    if bool(labelled.any()) else celltype_logits.sum() * 0.0
+
         weights = {"mlm": self.config.mlm_weight, "mcv": self.config.mcv_weight, "count": self.config.count_weight,
-                   "contrastive": self.config.contrastive_weight}
+                   "contrastive": self.config.contrastive_weight, "celltype": self.config.celltype_weight}
         loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
         output = ExpressMaskedModelingOutput(
             loss=loss,
@@ -829,11 +851,13 @@ class ExpressForMaskedModeling(ExpressPreTrainedModel):
             mcv_loss=losses.get("mcv"),
             count_loss=losses.get("count"),
             contrastive_loss=losses.get("contrastive"),
+            celltype_loss=losses.get("celltype"),
             logits=logits,
             mcv_logits=mcv_logits,
             mcv_theta=mcv_theta,
             count_mean=count_mean,
             count_theta=count_theta,
+            celltype_logits=celltype_logits,
             last_hidden_state=sequence,
             pooler_output=outputs.pooler_output,
             hidden_states=outputs.hidden_states,

@@ -20,6 +20,7 @@ data-loader worker, the number of processes, or how often the run was interrupte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from modeling.modeling_express import IGNORE_INDEX
@@ -50,8 +52,8 @@ _SAMPLE_SEED_SALT = 0x5A3C_91E7_D24B_086F
 
 __all__ = [
     "COUNT_COLUMNS", "CellDataset", "Corpus", "DatasetFormatError", "ExpressCollator", "IGNORE_INDEX",
-    "LengthGroupedBatchSampler", "PANEL_COLUMNS", "VocabularyMismatchError", "build_corpus", "load_corpus",
-    "split_cells",
+    "LengthGroupedBatchSampler", "MISSING_LABELS", "PANEL_COLUMNS", "VocabularyMismatchError", "add_label_column",
+    "build_corpus", "encode_labels", "label_categories", "load_corpus", "split_cells",
 ]
 
 
@@ -206,6 +208,7 @@ class Corpus:
     vocab: GeneVocab
     train: CellDataset
     eval: CellDataset
+    label_names: list[str] = dataclasses.field(default_factory=list)  # cell types, when labels were added
 
     @property
     def specs(self) -> list[TokenizationSpec]:
@@ -250,8 +253,11 @@ def build_corpus(parts: Sequence[TokenizedCells], *, eval_fraction: float = 0.05
                   CellDataset(datasets, eval_rows, columns=columns))
 
 
-def load_corpus(paths: Sequence[str | os.PathLike], **kwargs: Any) -> Corpus:
-    """Open tokenized dataset folders (:meth:`TokenizedCells.load`) and :func:`build_corpus` them."""
+def load_corpus(paths: Sequence[str | os.PathLike], *, labels: tuple[str, str] | None = None,
+                **kwargs: Any) -> Corpus:
+    """Open tokenized dataset folders (:meth:`TokenizedCells.load`) and :func:`build_corpus` them. ``labels``:
+    ``(column, target)`` adds integer labels of the obs column ``column`` as ``target`` (:func:`add_label_column`;
+    the names are then ``corpus.label_names``)."""
     if not paths:
         raise ValueError("no datasets given")
     parts = [TokenizedCells.load(p) for p in paths]
@@ -260,7 +266,52 @@ def load_corpus(paths: Sequence[str | os.PathLike], **kwargs: Any) -> Corpus:
         raise ValueError(f"a dataset is listed twice: {names}")
     for part, name in zip(parts, names):
         part.name = name
-    return build_corpus(parts, **kwargs)
+    label_names = add_label_column(parts, *labels) if labels else []
+    corpus = build_corpus(parts, **kwargs)
+    corpus.label_names = label_names
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cell-type labels
+# ---------------------------------------------------------------------------------------------------------------------
+MISSING_LABELS = ("", "nan", "None", "unknown", "unlabelled", "unlabeled")  # values that mean "no label"
+
+
+def encode_labels(values: Sequence, categories: Sequence[str], *, unlabelled: Sequence[str] = ()) -> np.ndarray:
+    """Category index per cell; -100 for missing values, ``unlabelled`` markers and values that are
+    not among ``categories`` (held-out cell types the model was not trained on)."""
+    index = {c: i for i, c in enumerate(categories)}
+    skip = {str(u) for u in unlabelled}
+    out = np.full(len(values), IGNORE_INDEX, dtype=np.int64)
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) in skip:
+            continue
+        out[i] = index.get(str(v), IGNORE_INDEX)
+    return out
+
+
+def label_categories(values: Sequence, *, unlabelled: Sequence[str] = ()) -> list[str]:
+    """Sorted distinct labels, leaving out missing values and ``unlabelled`` markers."""
+    skip = {str(u) for u in unlabelled} | {"nan", "None"}
+    return sorted({str(v) for v in pd.Series(values).dropna()} - skip)
+
+
+def add_label_column(parts: Sequence[TokenizedCells], column: str, target: str) -> list[str]:
+    """Give every part an integer column ``target``: the index of its cells' ``column`` value among the sorted labels
+    of all parts (-100 where a cell has none of them, or its part lacks the column); returns the label names."""
+    values = [np.asarray(p.dataset[column], dtype=object).astype(str) if column in p.dataset.column_names else None
+              for p in parts]
+    if all(v is None for v in values):
+        raise DatasetFormatError(f"no dataset has the label column {column!r} (tokenize with --obs_keys {column})")
+    names = label_categories(np.concatenate([v for v in values if v is not None]), unlabelled=MISSING_LABELS)
+    for part, v in zip(parts, values):
+        codes = np.full(len(part), IGNORE_INDEX, dtype=np.int64) if v is None else \
+            encode_labels(v, names, unlabelled=MISSING_LABELS)
+        if target in part.dataset.column_names:
+            part.dataset = part.dataset.remove_columns(target)
+        part.dataset = part.dataset.add_column(target, codes.tolist())
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,8 +457,8 @@ class ExpressCollator:
       (so the model also sees full-depth inputs, as at evaluation). Needs ``counts_ids``/``counts``.
     - ``mcv_gene_mask``: ``mcv_gene_mask`` (B, vocab_size) bool, the genes each cell's source measures.
     - a second view of each cell for the contrastive objective (``pair_view``): ``"split"`` tokenizes the held-out
-      half ``x''`` (two independent halves of one cell), ``"noise"`` the same tokens with values multiplied by
-      ``exp(noise_scale * N(0, 1))``; as ``pair_input_ids``, ``pair_values``, ``pair_is_zero``,
+      half ``x''`` (two independent halves of one cell), ``"noise"`` two copies of the cell's tokens, each with its
+      values multiplied by independent ``exp(noise_scale * N(0, 1))`` (the input is then the first copy); as ``pair_input_ids``, ``pair_values``, ``pair_is_zero``,
       ``pair_attention_mask``.
     - MLM (``mlm_probability`` > 0): each maskable token (a detected gene; sampled zeros too when
       ``mask_sampled_zeros``) is chosen with that probability (at least one per cell); of those, 80% become
@@ -676,6 +727,13 @@ class ExpressCollator:
             batch["count_targets"] = torch.from_numpy(counts)
             batch["library_size"] = torch.tensor([float(r["total_counts"]) for r in rows], dtype=torch.float32)
 
+    def _noisy(self, rows, rngs) -> list[dict]:
+        """``rows`` with every value multiplied by ``exp(noise_scale * N(0, 1))`` (Gaussian noise on the log scale;
+        zeros stay zero)."""
+        return [dict(r, values=np.asarray(r["values"], dtype=np.float32) *
+                     np.exp(self.noise_scale * rng.standard_normal(len(r["values"]))).astype(np.float32))
+                for r, rng in zip(rows, rngs)]
+
     def _gene_mask(self, rows) -> torch.Tensor:
         mask = np.zeros((len(rows), self.vocab.vocab_size), dtype=bool)
         for i, row in enumerate(rows):
@@ -698,15 +756,14 @@ class ExpressCollator:
             if self.mcv_targets:
                 batch["mcv_counts"] = torch.from_numpy(held_out)
                 batch["mcv_library_size"] = torch.from_numpy(held_out_library.astype(np.float32))
+        pair = halves
+        if self.pair_view == "noise":  # two independent noisy copies of the cell: the input and its pair
+            clean = rows
+            rows, pair = self._noisy(clean, rngs), self._noisy(clean, rngs)
         if self.vocab is not None:
             self._tokens(rows, rngs, batch)
-        if self.pair_view == "split":
-            self._tokens(halves, rngs, batch, prefix="pair_", masking=False)
-        elif self.pair_view == "noise":
-            noisy = [dict(r, values=np.asarray(r["values"], dtype=np.float32) *
-                          np.exp(self.noise_scale * rng.standard_normal(len(r["values"]))).astype(np.float32))
-                     for r, rng in zip(rows, rngs)]
-            self._tokens(noisy, rngs, batch, prefix="pair_", masking=False)
+        if self.pair_view is not None:
+            self._tokens(pair, rngs, batch, prefix="pair_", masking=False)
         if self.panel_size is not None:
             dense = np.zeros((len(rows), self.panel_size), dtype=np.float32)
             rows = [dict(r) for r in rows]

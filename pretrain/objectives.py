@@ -23,7 +23,9 @@ from tokenizer import GeneVocab, TokenizationSpec
 
 from .data import ExpressCollator
 
-OBJECTIVES = ("mlm", "mcv", "count", "contrastive")
+CELL_TYPE_COLUMN = "cell_type_labels"  # the integer labels the celltype objective reads (added by pretrain/run.py)
+
+OBJECTIVES = ("mlm", "mcv", "count", "contrastive", "celltype")
 
 
 def parse_objectives(text: str) -> list[str]:
@@ -49,6 +51,8 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
     if split:
         fraction = mcv_input_fraction if not mcv_fraction_jitter else \
             (mcv_input_fraction - mcv_fraction_jitter, mcv_input_fraction + mcv_fraction_jitter)
+    if "celltype" in objectives:
+        pass_columns = (*pass_columns, CELL_TYPE_COLUMN)
     return ExpressCollator(
         vocab,
         mlm_probability=mlm_probability if masking else 0.0,
@@ -72,11 +76,13 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
 def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str, float]:
     """Held-out metrics of the objectives, over every process's cells: ``eval/mlm_loss`` and ``eval/mlm_accuracy``
     (over masked genes), ``eval/mcv_nll`` (nats per held-out count over all cells) and ``eval/mcv_nll_cell`` (per
-    held-out count of each cell, averaged over cells), ``eval/count_nll``, ``eval/contrastive_loss``."""
+    held-out count of each cell, averaged over cells), ``eval/count_nll``, ``eval/contrastive_loss``,
+    ``eval/celltype_loss`` and ``eval/celltype_accuracy`` (over labelled cells)."""
     model.eval()
     # masked tokens, MLM loss sum, correct, held-out counts, MCV NLL sum, count targets, count NLL sum, cells with a
-    # held-out count, their per-count NLL sum, contrastive batches, contrastive loss sum
-    sums = torch.zeros(11, dtype=torch.float64, device=accelerator.device)
+    # held-out count, their per-count NLL sum, contrastive batches, contrastive loss sum, labelled cells, their
+    # cell-type loss sum, correct cell types
+    sums = torch.zeros(14, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         if "mlm" not in objectives:
@@ -104,6 +110,12 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
         if out.contrastive_loss is not None:
             sums[9] += 1
             sums[10] += out.contrastive_loss.double()
+        if out.celltype_loss is not None:
+            labels = batch[CELL_TYPE_COLUMN]
+            labelled = labels != IGNORE_INDEX
+            sums[11] += labelled.sum()
+            sums[12] += out.celltype_loss.double() * labelled.sum()
+            sums[13] += (out.celltype_logits.argmax(-1)[labelled] == labels[labelled]).sum()
     total = accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
     metrics = {}
     if total[0] > 0:
@@ -116,4 +128,7 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
         metrics["eval/count_nll"] = total[6] / total[5]
     if total[9] > 0:
         metrics["eval/contrastive_loss"] = total[10] / total[9]
+    if total[11] > 0:
+        metrics["eval/celltype_loss"] = total[12] / total[11]
+        metrics["eval/celltype_accuracy"] = total[13] / total[11]
     return metrics

@@ -108,8 +108,8 @@ def build_model(corpus: Corpus, objectives: list[str], *, resume_dir: Path | Non
     from modeling import ExpressConfig, ExpressForMaskedModeling
 
     vocab = corpus.vocab
-    weights = {k: fields.pop(k) for k in ("mlm_weight", "mcv_weight", "count_weight", "contrastive_weight")
-               if k in fields}
+    weights = {k: fields.pop(k) for k in ("mlm_weight", "mcv_weight", "count_weight", "contrastive_weight",
+                                          "celltype_weight") if k in fields}
     source = resume_dir or (Path(init_from) if init_from else None)
     if source is not None:
         check_vocabulary(source, vocab)
@@ -127,13 +127,14 @@ def build_model(corpus: Corpus, objectives: list[str], *, resume_dir: Path | Non
         model.set_gene_statistics(vocab.token_zero_fraction, vocab.token_group_ids)
     if model.config._attn_implementation != attn_implementation:
         model.set_attn_implementation(attn_implementation)
-    heads = {"mcv": model.mcv_head, "count": model.count_head, "contrastive": model.contrastive_head}
+    heads = {"mcv": model.mcv_head, "count": model.count_head, "contrastive": model.contrastive_head,
+             "celltype": model.celltype_head}
     missing = [o for o, head in heads.items() if o in objectives and head is None]
     if missing:
         raise ValueError(f"the model has no head for {missing}; start a new model or drop them from --objectives")
     # heads of objectives not trained now get no gradient: freeze them so DDP does not wait for one
     for objective, head in (("mlm", model.mlm_head), ("mcv", model.mcv_head), ("count", model.count_head),
-                            ("contrastive", model.contrastive_head)):
+                            ("contrastive", model.contrastive_head), ("celltype", model.celltype_head)):
         if head is not None and objective not in objectives:
             head.requires_grad_(False)
     if gradient_checkpointing:

@@ -47,7 +47,7 @@ from pretrain.args import args_to_dict, parse_args
 from pretrain.checkpoints import CheckpointError, verify_checkpoint
 from pretrain.data import LengthGroupedBatchSampler, load_corpus
 from pretrain.loop import LoopSettings, NonFiniteLossError, train
-from pretrain.objectives import evaluate, make_collator, parse_objectives
+from pretrain.objectives import CELL_TYPE_COLUMN, evaluate, make_collator, parse_objectives
 from pretrain.pretraining import (
     build_model,
     check_output_dir,
@@ -113,11 +113,15 @@ class PretrainArgs:
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     # --- objectives ---
     objectives: str = field(default="mlm,mcv", metadata={
-        "help": "comma-separated subset of mlm, mcv, count, contrastive"})
+        "help": "comma-separated subset of mlm, mcv, count, contrastive, celltype (celltype needs --label_column)"})
     mlm_weight: float = field(default=1.0, metadata={"help": "weight of the masked-gene loss"})
     mcv_weight: float = field(default=1.0, metadata={"help": "weight of the MCV loss"})
     count_weight: float = field(default=1.0, metadata={"help": "weight of the masked-count loss"})
     contrastive_weight: float = field(default=1.0, metadata={"help": "weight of the contrastive loss"})
+    celltype_weight: float = field(default=1.0, metadata={"help": "weight of the supervised cell-type loss"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "celltype objective: the obs column of cell types carried in the datasets (tokenize with --obs_keys); "
+                "cells without a label (or in datasets without the column) are not scored"})
     mlm_probability: float = field(default=0.15, metadata={"help": "share of detected genes masked per cell"})
     mcv_input_fraction: float = field(default=0.5, metadata={
         "help": "MCV: each count is split x' ~ Binomial(x, p) with this p; x' is the input, x - x' the target"})
@@ -186,6 +190,8 @@ class PretrainArgs:
             (self.dataset_weights is None or len(self.dataset_weights) == len(self.dataset),
              "give one --dataset_weights value per --dataset"),
             (self.stop_at_step is None or self.stop_at_step >= 1, "stop_at_step must be >= 1"),
+            ("celltype" not in self.objective_list or self.label_column is not None,
+             "the celltype objective needs --label_column (the obs column of cell types)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -243,7 +249,8 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             paths = [str(prepare_default_data(output_dir / "default_data"))]
     corpus = load_corpus(paths, eval_fraction=args.eval_fraction, seed=args.seed, max_eval_cells=args.max_eval_cells,
                          require_counts="mcv" in objectives or "count" in objectives or
-                         args.gene_selection == "random")
+                         args.gene_selection == "random",
+                         labels=(args.label_column, CELL_TYPE_COLUMN) if "celltype" in objectives else None)
     truncate = narrow_specs(corpus, args.top_k, args.n_zeros)
     from accelerate.utils import set_seed
 
@@ -258,8 +265,13 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
         mcv_input=args.mcv_input, mcv_normalization=args.mcv_normalization,
         use_contrastive_head="contrastive" in objectives, contrastive_temperature=args.contrastive_temperature,
         mlm_weight=args.mlm_weight, mcv_weight=args.mcv_weight, count_weight=args.count_weight,
-        contrastive_weight=args.contrastive_weight, **model_overrides(args.model_config),
+        contrastive_weight=args.contrastive_weight, celltype_weight=args.celltype_weight,
+        use_celltype_head="celltype" in objectives, cell_type_names=corpus.label_names,
+        **model_overrides(args.model_config),
     )
+    if "celltype" in objectives and model.config.cell_type_names != corpus.label_names:
+        raise ValueError(f"the model's cell types {model.config.cell_type_names} are not the datasets' "
+                         f"{corpus.label_names} (column {args.label_column!r})")
     n_params = sum(p.numel() for p in model.parameters())
     report = ("dataset_index", "row") if args.write_rank_report else ()
     collate = dict(mlm_probability=args.mlm_probability, mcv_input_fraction=args.mcv_input_fraction,

@@ -12,15 +12,14 @@ from finetune.data import (
     UNLABELLED,
     FinetuneDataError,
     align_genes,
-    encode_labels,
     fit_protein_reference,
-    label_categories,
     log_normalize,
     normalize_proteins,
     split_adata,
 )
 from finetune.run import FinetuneArgs
 from pretrain.args import parse_args
+from pretrain.data import encode_labels, label_categories
 from tokenizer import InputError
 
 

@@ -152,6 +152,27 @@ def test_contrastive_loss_is_symmetric_info_nce_of_the_two_views():
         tiny_model(ExpressForMaskedModeling)(**batch, **pair_inputs)
 
 
+def test_celltype_loss_is_cross_entropy_of_the_pooled_embedding_over_labelled_cells():
+    batch = collate(make_cells([14, 9, 6, 11]))
+    model = tiny_model(ExpressForMaskedModeling, use_celltype_head=True, cell_type_names=["B", "NK", "T"],
+                       classifier_pooling="mean", celltype_weight=0.25)
+    labels = torch.tensor([2, -100, 0, 1])  # the second cell has no label
+    with torch.no_grad():
+        out = model(**batch, cell_type_labels=labels)
+        pooled = model.express(**batch).pooler_output
+    logits = pooled @ model.celltype_head.weight.T + model.celltype_head.bias
+    manual = F.cross_entropy(logits[[0, 2, 3]], labels[[0, 2, 3]])
+    torch.testing.assert_close(out.celltype_logits, logits)
+    torch.testing.assert_close(out.celltype_loss, manual)
+    torch.testing.assert_close(out.loss, 0.25 * manual)
+    unlabelled = model(**batch, cell_type_labels=torch.full((4,), -100))
+    assert unlabelled.celltype_loss.item() == 0.0 and unlabelled.celltype_loss.requires_grad
+    with pytest.raises(ValueError, match="no cell-type head"):
+        tiny_model(ExpressForMaskedModeling)(**batch, cell_type_labels=labels)
+    with pytest.raises(ValueError, match="at least two cell_type_names"):
+        tiny_model(ExpressForMaskedModeling, use_celltype_head=True, cell_type_names=["B"])
+
+
 def test_value_gating_and_gene_norm_carry_levels_into_token_directions():
     """Without value gating, raising every gene's level moves every token by the same vector (the additive value
     embedding knows no gene); with it, each gene's token moves its own way. With the gene norm, identity, not rank,

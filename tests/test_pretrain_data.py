@@ -535,6 +535,13 @@ def test_split_views_unsplit_visits_jitter_and_source_genes(tmp_path):
         assert whole["input_ids"][i, 1].item() == row["input_ids"][1]  # the same top gene as the full cell
     noisy = ExpressCollator(vocab, mlm_probability=0.0, pair_view="noise", noise_scale=0.5,
                             specs=corpus.specs)(rows[:5])
+    clean = ExpressCollator(vocab, mlm_probability=0.0, specs=corpus.specs)(rows[:5])
     assert torch.equal(noisy["pair_input_ids"], noisy["input_ids"])
+    assert torch.equal(noisy["input_ids"], clean["input_ids"])
+    # two independent noisy views, neither the clean values
     assert not torch.allclose(noisy["pair_values"], noisy["values"])
-    assert torch.equal(noisy["pair_values"] == 0, noisy["values"] == 0)  # zeros stay zero
+    assert not torch.allclose(noisy["values"], clean["values"])
+    assert torch.equal(noisy["pair_values"] == 0, clean["values"] == 0)  # zeros stay zero
+    genes = clean["values"] > 0  # log-ratios of the noise: sd about noise_scale
+    ratio = torch.log(noisy["values"][genes] / clean["values"][genes])
+    assert 0.4 < ratio.std().item() < 0.6 and abs(ratio.mean().item()) < 0.1

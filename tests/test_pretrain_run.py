@@ -301,3 +301,20 @@ def test_contrastive_pretraining_brings_two_views_of_a_cell_together(corpus_dir,
     assert own > others + 0.2, (own, others)
     assert own - others > 2 * (own0 - others0), (own, others, own0, others0)
     assert result["metrics"]["eval/contrastive_loss"] < math.log(8)
+
+
+def test_celltype_objective_learns_the_labels_of_the_corpus(corpus_dir, tmp_path):
+    """The supervised term reads the datasets' cell_type column (union of labels over datasets, sorted) and learns
+    it: held-out cell-type accuracy far above the 1/4 of chance after a short run."""
+    from modeling import ExpressForMaskedModeling
+
+    with pytest.raises(ValueError, match="--label_column"):
+        PretrainArgs(objectives="mcv,celltype")
+    result = main(PretrainArgs(dataset=[corpus_dir["a"], corpus_dir["b"]], output_dir=str(tmp_path / "run"),
+                               max_steps=300, eval_steps=0, save_steps=1000, learning_rate=3e-3,
+                               objectives="mcv,celltype", label_column="cell_type", pooling="mean",
+                               eval_fraction=0.25, **TINY))
+    model = ExpressForMaskedModeling.from_pretrained(result["final_dir"])
+    assert model.config.cell_type_names == ["B", "Mono", "NK", "T"]
+    assert result["metrics"]["eval/celltype_accuracy"] > 0.8, result["metrics"]
+    assert result["metrics"]["eval/celltype_loss"] < 0.5, result["metrics"]
