@@ -272,6 +272,51 @@ def load_corpus(paths: Sequence[str | os.PathLike], *, labels: tuple[str, str] |
     return corpus
 
 
+def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, max_cells: int = 20_000, seed: int = 0
+                           ) -> np.ndarray:
+    """Token ids of ``n_top_genes`` highly variable genes of the corpus, from the kept counts of (up to
+    ``max_cells``) training cells. Each dataset ranks its genes by Seurat's normalised dispersion of log-normalised
+    counts (scanpy), and the datasets take turns adding their next-ranked gene, so a small dataset (another tissue,
+    another protocol) gets as many genes as a large one rather than being outvoted. Returned sorted."""
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    train = corpus.train
+    rows = np.arange(len(train))
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
+    items = train.__getitems__(rows.tolist())
+    if not all("counts_ids" in item for item in items):
+        raise DatasetFormatError("highly variable genes are found from the kept counts: tokenize with --keep_counts")
+    n_special = corpus.vocab.n_special
+    rankings = []
+    for part in sorted({int(item["dataset_index"]) for item in items}):
+        members = [item for item in items if int(item["dataset_index"]) == part]
+        if len(members) < 3:
+            continue
+        lengths = [len(item["counts_ids"]) for item in members]
+        counts = sp.csr_matrix(
+            (np.concatenate([item["counts"] for item in members]).astype(np.float32),
+             np.concatenate([item["counts_ids"] for item in members]).astype(np.int64) - n_special,
+             np.concatenate([[0], np.cumsum(lengths)])),
+            shape=(len(members), corpus.vocab.n_genes))
+        totals = np.asarray([float(item["total_counts"]) for item in members])
+        genes = ad.AnnData(sp.diags(1e4 / np.maximum(totals, 1.0)) @ counts)  # per 10k of the whole library
+        sc.pp.log1p(genes)
+        sc.pp.highly_variable_genes(genes, n_top_genes=min(n_top_genes, corpus.vocab.n_genes))
+        score = genes.var["dispersions_norm"].to_numpy(dtype=np.float64)
+        detected = np.asarray((counts > 0).sum(axis=0)).ravel() >= 3  # too rare a gene has no stable dispersion
+        order = np.argsort(-np.where(detected & np.isfinite(score), score, -np.inf), kind="stable")
+        rankings.append(order[: int((detected & np.isfinite(score)).sum())])
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    for depth in range(max((len(r) for r in rankings), default=0)):
+        for ranking in rankings:
+            if depth < len(ranking) and len(chosen) < n_top_genes:
+                chosen.setdefault(int(ranking[depth]))
+    return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))) + n_special
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cell-type labels
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,6 +501,8 @@ class ExpressCollator:
       vocabulary. ``mcv_unsplit_fraction`` of the visits instead feed the whole cell and target the whole cell
       (so the model also sees full-depth inputs, as at evaluation). Needs ``counts_ids``/``counts``.
     - ``mcv_gene_mask``: ``mcv_gene_mask`` (B, vocab_size) bool, the genes each cell's source measures.
+    - ``mcv_output_genes`` (token ids, e.g. the corpus's highly variable genes): MCV scores the held-out counts of
+      these genes only; ``mcv_library_size`` is their total and ``mcv_gene_mask`` keeps only them.
     - a second view of each cell for the contrastive objective (``pair_view``): ``"split"`` tokenizes the held-out
       half ``x''`` (two independent halves of one cell), ``"noise"`` two copies of the cell's tokens, each with its
       values multiplied by independent ``exp(noise_scale * N(0, 1))`` (the input is then the first copy); as ``pair_input_ids``, ``pair_values``, ``pair_is_zero``,
@@ -493,6 +540,7 @@ class ExpressCollator:
     mcv_targets: bool = True
     mcv_unsplit_fraction: float = 0.0
     mcv_gene_mask: bool = False
+    mcv_output_genes: np.ndarray | None = None
     pair_view: str | None = None
     noise_scale: float = 0.5
     count_targets: bool = False
@@ -537,6 +585,10 @@ class ExpressCollator:
         if self.count_targets and self.mlm_probability <= 0:
             raise ValueError("count targets are the counts of masked genes: they need mlm_probability > 0")
         self.specs = list(self.specs or [TokenizationSpec()])
+        self._output = None
+        if self.mcv_output_genes is not None:
+            self._output = np.zeros(self.vocab.vocab_size, dtype=bool)
+            self._output[np.asarray(self.mcv_output_genes, dtype=np.int64)] = True
         if self.vocab is not None:
             self._medians = self.vocab.token_medians.astype(np.float64)
             self._n_special = self.vocab.n_special
@@ -615,6 +667,8 @@ class ExpressCollator:
             outside_in = int(rng.binomial(outside, p))
             unsplit = self.mcv_unsplit_fraction > 0 and rng.random() < self.mcv_unsplit_fraction
             target = x if unsplit else x - x_in  # an unsplit visit reads the whole cell and targets the whole cell
+            if self._output is not None:  # only the output genes are scored, and their total is the library
+                target = np.where(self._output[ids], target, 0)
             held_out[i, ids] = target
             # the model spreads this library over vocabulary genes only, so it excludes the held-out counts outside
             # the vocabulary (those still shape the input's library size below)
@@ -748,6 +802,9 @@ class ExpressCollator:
         batch: dict[str, torch.Tensor] = {}
         if self.mcv_gene_mask:
             batch["mcv_gene_mask"] = self._gene_mask(rows)
+        if self._output is not None and self.mcv_input_fraction is not None and self.mcv_targets:
+            output = torch.from_numpy(self._output).expand(len(rows), -1)
+            batch["mcv_gene_mask"] = batch["mcv_gene_mask"] & output if "mcv_gene_mask" in batch else output.clone()
         halves = None
         if self.gene_selection == "random" and self.mcv_input_fraction is None:
             rows = self._reselect(rows, rngs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from modeling.modeling_express import IGNORE_INDEX
@@ -41,7 +42,8 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
                   mlm_probability: float = 0.15, mcv_input_fraction: float = 0.5, mcv_fraction_jitter: float = 0.0,
                   mcv_unsplit_fraction: float = 0.0, contrastive_view: str = "split", mcv_gene_mask: bool = False,
                   max_length: int | None = None, seed: int = 0, pass_columns: Sequence[str] = (),
-                  truncate: bool = False, gene_selection: str = "top") -> ExpressCollator:
+                  truncate: bool = False, gene_selection: str = "top",
+                  mcv_output_genes: np.ndarray | None = None) -> ExpressCollator:
     """The collator that makes the inputs and targets of ``objectives``: each visit's split fraction is drawn from
     ``mcv_input_fraction +- mcv_fraction_jitter``; ``mcv_unsplit_fraction`` of the visits read and target the whole
     cell."""
@@ -60,6 +62,7 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
         mcv_targets="mcv" in objectives,
         mcv_unsplit_fraction=mcv_unsplit_fraction if "mcv" in objectives else 0.0,
         mcv_gene_mask=mcv_gene_mask and "mcv" in objectives,
+        mcv_output_genes=mcv_output_genes if "mcv" in objectives else None,
         pair_view=contrastive_view if "contrastive" in objectives else None,
         count_targets="count" in objectives,
         specs=specs,

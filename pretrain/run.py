@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from pretrain.args import args_to_dict, parse_args
 from pretrain.checkpoints import CheckpointError, verify_checkpoint
-from pretrain.data import LengthGroupedBatchSampler, load_corpus
+from pretrain.data import LengthGroupedBatchSampler, highly_variable_tokens, load_corpus
 from pretrain.loop import LoopSettings, NonFiniteLossError, train
 from pretrain.objectives import CELL_TYPE_COLUMN, evaluate, make_collator, parse_objectives
 from pretrain.pretraining import (
@@ -74,8 +75,11 @@ class PretrainArgs:
         "help": "tokenized dataset folder(s) (express-tokenize tokenize --keep_counts), all with one vocabulary; "
                 "repeat the flag for several. None given: the built-in default data (pbmc68k_reduced)"})
     dataset_weights: list[float] | None = field(default=None, metadata={"action": "extend",
-        "help": "sampling weight per dataset (each epoch draws cells in these proportions); default: every cell "
-                "once per epoch"})
+        "help": "sampling weight per dataset (each epoch draws cells in these proportions); default: by "
+                "--dataset_mixing"})
+    dataset_mixing: Literal["size", "sqrt", "equal"] = field(default="size", metadata={
+        "help": "without --dataset_weights: draw datasets in proportion to their cells (every cell once per epoch), "
+                "to the square root of their cells (small datasets drawn more often), or equally"})
     eval_fraction: float = field(default=0.05, metadata={"help": "share of each dataset's cells held out"})
     max_eval_cells: int | None = field(default=2000, metadata={"help": "cap on held-out cells per dataset"})
     max_length: int | None = field(default=None, metadata={"help": "truncate cells to this many tokens"})
@@ -133,6 +137,9 @@ class PretrainArgs:
         "help": "MCV decodes the held-out counts from the <cls> state or from the pooled cell embedding"})
     mcv_normalization: Literal["count", "cell"] = field(default="count", metadata={
         "help": "MCV loss per held-out count of the batch, or per cell (each cell's NLL per count, averaged)"})
+    mcv_output_genes: int | None = field(default=None, metadata={
+        "help": "MCV predicts the held-out counts of the corpus's N most variable genes only (found from the "
+                "training cells' counts, per dataset); default: every gene"})
     mcv_source_genes: bool = field(default=False, metadata={
         "help": "spread the held-out library over the genes the cell's source file measures only"})
     contrastive_view: Literal["split", "noise"] = field(default="split", metadata={
@@ -202,6 +209,14 @@ class PretrainArgs:
         return parse_objectives(self.objectives)
 
 
+def mixing_weights(part_sizes: list[int], mixing: str) -> list[float] | None:
+    """Sampling weight per dataset: ``None`` for ``"size"`` (every cell once per epoch), ``sqrt(n)`` or ``1`` per
+    dataset of ``n`` cells for ``"sqrt"`` and ``"equal"`` (datasets without cells get 0)."""
+    if mixing == "size" or len(part_sizes) < 2:
+        return None
+    return [float(np.sqrt(n)) if mixing == "sqrt" else float(n > 0) for n in part_sizes]
+
+
 def narrow_specs(corpus, top_k: int | None, n_zeros: int | None) -> bool:
     """Give every part of ``corpus`` the spec with ``top_k`` genes and ``n_zeros`` zeros (what the collator cuts
     cells to and what the model records); True when that cuts anything."""
@@ -252,6 +267,11 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
                          args.gene_selection == "random",
                          labels=(args.label_column, CELL_TYPE_COLUMN) if "celltype" in objectives else None)
     truncate = narrow_specs(corpus, args.top_k, args.n_zeros)
+    output_genes = None
+    if args.mcv_output_genes and "mcv" in objectives:
+        with accelerator.main_process_first():
+            output_genes = highly_variable_tokens(corpus, args.mcv_output_genes, seed=args.seed)
+        logger.info("MCV scores the %d most variable genes of the corpus", len(output_genes))
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -277,11 +297,12 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     collate = dict(mlm_probability=args.mlm_probability, mcv_input_fraction=args.mcv_input_fraction,
                    mcv_fraction_jitter=args.mcv_fraction_jitter, mcv_unsplit_fraction=args.mcv_unsplit_fraction,
                    contrastive_view=args.contrastive_view, mcv_gene_mask=args.mcv_source_genes,
-                   max_length=args.max_length, truncate=truncate, gene_selection=args.gene_selection)
+                   max_length=args.max_length, truncate=truncate, gene_selection=args.gene_selection,
+                   mcv_output_genes=output_genes)
     collator = make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed, pass_columns=report, **collate)
     sampler = LengthGroupedBatchSampler(
         corpus.train.lengths, args.per_device_batch_size, part_sizes=corpus.train.part_sizes,
-        weights=args.dataset_weights, seed=args.seed, num_replicas=accelerator.num_processes,
+        weights=args.dataset_weights or mixing_weights(corpus.train.part_sizes, args.dataset_mixing), seed=args.seed, num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
     )
     # a private generator: creating a loader iterator must not draw from the global torch RNG (dropout masks)

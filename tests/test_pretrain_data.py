@@ -56,11 +56,15 @@ def make_counts(n_cells: int, n_genes: int, seed: int) -> tuple[sp.csr_matrix, n
 
 def make_tokenized_dataset(path: Path, *, n_cells: int = 48, vocab: GeneVocab | None = None, seed: int = 0,
                            top_k: int = 12, n_zeros: int = 4, keep_counts: bool = True,
-                           measured: np.ndarray | None = None, source: str = "synthetic") -> Path:
+                           measured: np.ndarray | None = None, source: str = "synthetic",
+                           counts: sp.csr_matrix | None = None) -> Path:
     """A tokenized dataset folder as ``express-tokenize tokenize --keep_counts --obs_keys cell_type`` writes it.
-    ``measured``: indices of the genes the (one) source file measures; zeros are sampled among them only."""
+    ``measured``: indices of the genes the (one) source file measures; zeros are sampled among them only.
+    ``counts``: the cells' counts (default: :func:`make_counts`)."""
     vocab = vocab or make_vocab()
     X, labels = make_counts(n_cells, vocab.n_genes, seed)
+    if counts is not None:
+        X = sp.csr_matrix(counts, dtype=np.int32)
     candidates = vocab.gene_token_ids
     if measured is not None:
         keep = np.zeros(vocab.n_genes)
@@ -545,3 +549,66 @@ def test_split_views_unsplit_visits_jitter_and_source_genes(tmp_path):
     genes = clean["values"] > 0  # log-ratios of the noise: sd about noise_scale
     ratio = torch.log(noisy["values"][genes] / clean["values"][genes])
     assert 0.4 < ratio.std().item() < 0.6 and abs(ratio.mean().item()) < 0.1
+
+
+def test_mcv_output_genes_score_only_those_genes(two_datasets):
+    """With output genes, the held-out counts of other genes are dropped, the library is the output genes' held-out
+    total, and the gene mask keeps only them (ANDed with the source's genes when both are asked for); the input
+    split is the same as without them."""
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0)
+    rows = _rows(corpus, 12)
+    output = vocab.gene_token_ids[::3]
+    plain = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.5, specs=corpus.specs)(rows)
+    only = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.5, specs=corpus.specs,
+                           mcv_output_genes=output)(rows)
+    both = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.5, specs=corpus.specs,
+                           mcv_output_genes=output, mcv_gene_mask=True)(rows)
+    keep = np.zeros(vocab.vocab_size, dtype=bool)
+    keep[output] = True
+    assert torch.equal(only["input_ids"], plain["input_ids"]) and torch.equal(only["values"], plain["values"])
+    torch.testing.assert_close(only["mcv_counts"], plain["mcv_counts"] * torch.from_numpy(keep))
+    torch.testing.assert_close(only["mcv_library_size"], only["mcv_counts"].sum(-1))
+    assert torch.equal(only["mcv_gene_mask"], torch.from_numpy(keep).expand(12, -1))
+    source = ExpressCollator(vocab, mlm_probability=0.0, mcv_input_fraction=0.5, specs=corpus.specs,
+                             mcv_gene_mask=True)(rows)["mcv_gene_mask"]
+    assert torch.equal(both["mcv_gene_mask"], source & torch.from_numpy(keep))
+
+
+def test_highly_variable_tokens_are_the_genes_that_vary(tmp_path):
+    """Every gene is Poisson at its own rate (spread over two orders of magnitude), but nine genes, one in every
+    eight by mean (Seurat compares a gene with the genes of its bin of means), switch between 0.05 and 1.95 times
+    their rate from cell to cell: those nine are the top nine variable genes of two datasets, as sorted token ids."""
+    from pretrain.data import highly_variable_tokens
+
+    vocab = make_vocab(80)
+    rng = np.random.default_rng(0)
+    datasets_ = []
+    for k, n in enumerate((300, 200)):
+        rates = np.tile(np.geomspace(0.5, 50.0, vocab.n_genes), (n, 1))
+        rates[:, 11::8] *= np.where(rng.integers(0, 2, size=(n, 1)) == 1, 1.95, 0.05)  # genes 11, 19, .., 75 vary
+        x = rng.poisson(rates)
+        datasets_.append(make_tokenized_dataset(tmp_path / f"d{k}", n_cells=n, vocab=vocab, seed=k, top_k=40,
+                                                counts=sp.csr_matrix(x)))
+    corpus = load_corpus(datasets_, eval_fraction=0.0)
+    tokens = highly_variable_tokens(corpus, 9)
+    assert tokens.tolist() == list(range(vocab.n_special + 11, vocab.n_special + 80, 8))
+    assert len(highly_variable_tokens(corpus, 25)) == 25
+
+
+def test_highly_variable_tokens_give_a_small_dataset_its_share(tmp_path):
+    """A large dataset whose variable genes are 41, 81, 121, 161 and a four times smaller one whose variable genes
+    are 61, 101, 141, 181 (each on in half the cells, off in the rest): the top eight are both sets (the datasets
+    take turns), not the large dataset's choice alone."""
+    from pretrain.data import highly_variable_tokens
+
+    vocab = make_vocab(200)
+    rng = np.random.default_rng(1)
+    folders = []
+    for k, (n, varying) in enumerate(((400, [41, 81, 121, 161]), (100, [61, 101, 141, 181]))):
+        rates = np.tile(np.geomspace(0.5, 50.0, vocab.n_genes), (n, 1))
+        rates[:, varying] *= np.where(rng.integers(0, 2, size=(n, 1)) == 1, 2.0, 0.0)
+        folders.append(make_tokenized_dataset(tmp_path / f"d{k}", n_cells=n, vocab=vocab, seed=k, top_k=40,
+                                              counts=sp.csr_matrix(rng.poisson(rates))))
+    tokens = highly_variable_tokens(load_corpus(folders, eval_fraction=0.0), 8)
+    assert (tokens - vocab.n_special).tolist() == [41, 61, 81, 101, 121, 141, 161, 181]

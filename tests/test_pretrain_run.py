@@ -318,3 +318,22 @@ def test_celltype_objective_learns_the_labels_of_the_corpus(corpus_dir, tmp_path
     assert model.config.cell_type_names == ["B", "Mono", "NK", "T"]
     assert result["metrics"]["eval/celltype_accuracy"] > 0.8, result["metrics"]
     assert result["metrics"]["eval/celltype_loss"] < 0.5, result["metrics"]
+
+
+def test_mixing_weights():
+    from pretrain.run import mixing_weights
+
+    assert mixing_weights([100, 25], "size") is None
+    assert mixing_weights([100, 25], "sqrt") == [10.0, 5.0]
+    assert mixing_weights([100, 25, 0], "equal") == [1.0, 1.0, 0.0]
+    assert mixing_weights([100], "sqrt") is None
+
+
+def test_mcv_over_the_most_variable_genes_with_sqrt_mixing(corpus_dir, tmp_path):
+    """--mcv_output_genes N scores N genes: the held-out library the model is scored on is theirs alone, so the
+    NLL per held-out count differs from the all-genes run on the same cells and steps."""
+    common = dict(dataset=[corpus_dir["a"], corpus_dir["b"]], max_steps=20, eval_steps=0, save_steps=1000,
+                  objectives="mcv", mcv_input="pooled", pooling="mean", dataset_mixing="sqrt", **TINY)
+    some = main(PretrainArgs(output_dir=str(tmp_path / "some"), mcv_output_genes=15, **common))["metrics"]
+    every = main(PretrainArgs(output_dir=str(tmp_path / "every"), **common))["metrics"]
+    assert math.isfinite(some["eval/mcv_nll"]) and some["eval/mcv_nll"] != every["eval/mcv_nll"]
