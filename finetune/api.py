@@ -239,7 +239,7 @@ def prepare_model(
         raise FinetuneDataError(f"obs[{label_key!r}] has a single class ({names}): a classifier needs at least two")
     is_vae = task == "vae" or (task == "adt" and protein_head == "nb")
     fields: dict = {"encoder": encoder}
-    if encoder == "mlp" or is_vae:
+    if encoder == "mlp" or is_vae or (head or {}).get("wide_path"):
         fields["gene_panel"] = select_genes(adata, n_top_genes, gene_id_key=gene_id_key, layer=layer)
     raw = None
     if task == "adt":

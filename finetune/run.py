@@ -75,6 +75,9 @@ class FinetuneArgs:
     dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP encoder and heads"})
     input_dropout: float = field(default=0.0, metadata={"help": "dropout on the MLP encoder's input genes"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cell-type loss"})
+    wide_path: bool = field(default=False, metadata={
+        "help": "cell types / proteins: add a linear model on the log-normalised HVGs (--n_top_genes) to the "
+                "encoder's head (a 'wide' path beside the transformer)"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the lower N transformer layers; -1 = all"})
     # transformer built from scratch (--model none)
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
@@ -128,6 +131,8 @@ class FinetuneArgs:
                   "input_dropout": self.input_dropout}
         if self.task == "cell-type":
             fields["label_smoothing"] = self.label_smoothing
+        if self.wide_path and not (self.task == "vae" or (self.task == "adt" and self.protein_head == "nb")):
+            fields["wide_path"] = True
         if self.task == "vae" or (self.task == "adt" and self.protein_head == "nb"):
             fields.update(n_latent=self.n_latent, covariance=self.covariance, likelihood=self.likelihood,
                           dispersion=self.dispersion, objective=self.objective, n_importance_samples=self.n_samples,

@@ -138,6 +138,10 @@ class ExpressConfig(PretrainedConfig):
             Dropout on the MLP encoder's input genes during training (each gene zeroed with this probability).
         head_dropout (`float`, defaults to 0.1):
             Dropout in the MLP encoder and in each fine-tuning head (classifier, regressor, VAE decoder).
+        wide_path (`bool`, defaults to `False`):
+            :class:`ExpressForCellClassification` adds a linear model on ``log1p(counts / library * 1e4)`` of
+            ``gene_panel`` to the head's output (a "wide" path beside the encoder; with the transformer encoder it
+            needs ``gene_panel``).
         classifier_hidden_size (`int`, *optional*):
             A hidden layer (with GELU) in :class:`ExpressForCellClassification`; ``None``: one linear layer.
         class_weights (`list[float]`, *optional*):
@@ -208,6 +212,7 @@ class ExpressConfig(PretrainedConfig):
         input_dropout: float = 0.0,
         head_dropout: float = 0.1,
         classifier_hidden_size: int | None = None,
+        wide_path: bool = False,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         protein_norm: str = "clr",
@@ -264,6 +269,7 @@ class ExpressConfig(PretrainedConfig):
         self.input_dropout = float(input_dropout)
         self.head_dropout = float(head_dropout)
         self.classifier_hidden_size = None if classifier_hidden_size is None else int(classifier_hidden_size)
+        self.wide_path = bool(wide_path)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.label_smoothing = float(label_smoothing)
         self.protein_norm = protein_norm
@@ -329,6 +335,7 @@ class ExpressConfig(PretrainedConfig):
         check(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         check(self.encoder != "mlp" or bool(self.gene_panel), "the MLP encoder needs its input genes (gene_panel)")
         check(self.mlp_hidden_size >= 1 and self.mlp_layers >= 1, "mlp_hidden_size and mlp_layers must be >= 1")
+        check(not self.wide_path or bool(self.gene_panel), "the wide path reads gene_panel: give its genes")
         check(self.classifier_hidden_size is None or self.classifier_hidden_size >= 1,
               f"classifier_hidden_size must be >= 1, got {self.classifier_hidden_size}")
         check(self.class_weights is None or all(w >= 0 for w in self.class_weights),

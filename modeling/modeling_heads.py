@@ -126,7 +126,8 @@ class CellClassifierOutput(ModelOutput):
 
 class ExpressForCellClassification(ExpressHeadPreTrainedModel):
     """Cell-level classifier or regressor on the cell embedding (either encoder), as ``transformers``' sequence
-    classifiers: ``problem_type`` single-label (cell types; ``config.class_weights`` and ``label_smoothing`` shape the
+    classifiers (optionally with a linear "wide" path on the panel genes beside the encoder, ``config.wide_path``):
+    ``problem_type`` single-label (cell types; ``config.class_weights`` and ``label_smoothing`` shape the
     cross-entropy, labels -100 are ignored), ``"regression"`` (e.g. protein levels, one output per protein; mean
     squared error) or multi-label."""
 
@@ -137,6 +138,8 @@ class ExpressForCellClassification(ExpressHeadPreTrainedModel):
         self.hidden = nn.Identity() if hidden is None else \
             nn.Sequential(nn.Linear(self.embedding_size, hidden), nn.GELU())
         self.classifier = nn.Linear(hidden or self.embedding_size, config.num_labels)
+        # the optional wide path: a linear model on the log-normalised panel counts, added to the encoder's output
+        self.wide = nn.Linear(len(config.gene_panel), config.num_labels) if config.wide_path else None
         if config.class_weights is not None and len(config.class_weights) != config.num_labels:
             raise ValueError(f"class_weights has {len(config.class_weights)} entries for {config.num_labels} labels")
         self.post_init()
@@ -162,6 +165,11 @@ class ExpressForCellClassification(ExpressHeadPreTrainedModel):
         """
         embedding = self.embed(input_ids, values, is_zero, attention_mask, gene_counts, total_counts)
         logits = self.classifier(self.hidden(self.dropout(embedding)))  # (B, num_labels)
+        if self.wide is not None:
+            if gene_counts is None or total_counts is None:
+                raise ValueError("the wide path needs gene_counts (raw counts of config.gene_panel) and total_counts")
+            library = total_counts.float().clamp_min(1.0).unsqueeze(-1)  # (B, 1)
+            logits = logits + self.wide(self.dropout(torch.log1p(gene_counts.float() / library * 1e4)))
         loss = None
         if labels is not None:
             problem = self._problem_type(labels)

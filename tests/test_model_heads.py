@@ -297,3 +297,21 @@ def test_classification_regression_and_multilabel():
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     out = multi(**batch, labels=targets)
     torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, targets))
+
+
+def test_wide_path_adds_a_linear_model_of_the_log_normalised_panel():
+    batch = collate(make_cells([14, 9, 6]))
+    panel = ["g1", "g2", "g3", "g4", "g5"]
+    model = tiny_model(ExpressForCellClassification, num_labels=3, wide_path=True, gene_panel=panel,
+                       classifier_pooling="mean")
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0, 7.0], [0.0, 2.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    total = torch.tensor([100.0, 50.0, 20.0])
+    with torch.no_grad():
+        out = model(**batch, gene_counts=counts, total_counts=total)
+        deep = model.classifier(model.express(**batch).pooler_output)
+    wide = torch.log1p(counts / total[:, None] * 1e4) @ model.wide.weight.T + model.wide.bias
+    torch.testing.assert_close(out.logits, deep + wide)
+    with pytest.raises(ValueError, match="wide path needs gene_counts"):
+        model(**batch)
+    with pytest.raises(ValueError, match="wide path reads gene_panel"):
+        tiny_model(ExpressForCellClassification, num_labels=3, wide_path=True)
