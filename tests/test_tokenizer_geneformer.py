@@ -5,6 +5,7 @@ import json
 import anndata as ad
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import shared_path
@@ -99,3 +100,39 @@ def test_geneformer_dictionaries_and_settings(tmp_path):
         tokenize_adata(adata, geneformer_dicts=v2.directory, model_input_size=1024, gene_id_key="ensembl_id")
     ds = tokenize_adata(adata, geneformer_dicts=v2.directory, gene_id_key="ensembl_id").dataset  # V2 by default
     assert all(ids[0] == 2 and ids[-1] == 3 for ids in ds["input_ids"])
+
+
+def test_ids_are_collapsed_upper_cased_and_unknown_targets_count_as_unmapped(tmp_path):
+    """The id-collapsing map is looked up upper-cased (a lower-case key still matches), and an id it sends outside
+    the token dictionary counts as unmapped, as one it lacks does (not as a gene missing from the vocabulary)."""
+    source = shared_path("geneformer/gc95M")
+    dicts = tmp_path / "dicts"
+    dicts.mkdir()
+    for name in ("token_dictionary.json", "gene_median_dictionary.json"):
+        (dicts / name).write_text((source / name).read_text())
+    tokens = json.loads((source / "token_dictionary.json").read_text())
+    genes = [g for g in sorted(tokens, key=tokens.get) if not g.startswith("<")][:6]
+    mapping = {genes[0].lower(): genes[0], "ENSGOUTSIDE": "ENSG_NOT_A_TOKEN", genes[2]: genes[2], genes[3]: genes[3],
+               genes[4]: genes[3]}  # genes[4] collapses onto genes[3]: their counts are summed
+    (dicts / "ensembl_mapping_dict.json").write_text(json.dumps(mapping))
+    X = sp.csr_matrix(np.array([[1, 4, 2, 3, 5, 7], [2, 0, 1, 0, 0, 1]], dtype=np.int32))
+    var_ids = [genes[0], "ENSGOUTSIDE", genes[2], genes[3], genes[4], "ENSGABSENT"]
+    adata = ad.AnnData(X=X, var=pd.DataFrame({"ensembl_id": var_ids}, index=[f"g{i}" for i in range(6)]))
+    adata.obs_names = ["c0", "c1"]
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    out = tokenize_files([path], None, tmp_path / "gf", geneformer_dicts=dicts, gene_id_key="ensembl_id",
+                         progress=False)
+    report = json.loads((out / "manifest.json").read_text())["inputs"][0]
+    assert report["genes_unmapped"] == 2 and report["genes_in_vocab"] == 3 and report["genes_missing_from_vocab"] == 0
+    medians = json.loads((source / "gene_median_dictionary.json").read_text())
+    kept = [genes[0], genes[2], genes[3]]
+    counts = X.toarray().astype(np.float64)
+    counts = np.stack([counts[:, 0], counts[:, 2], counts[:, 3] + counts[:, 4]], axis=1)  # genes[4] -> genes[3]
+    expected = []
+    for i, total in enumerate(X.toarray().sum(1)):
+        value = counts[i] / total * 10_000 / np.array([medians[g] for g in kept])
+        ids = np.array([tokens[g] for g in kept])
+        order = np.lexsort((ids, -value))
+        expected.append([tokens["<cls>"]] + [int(ids[k]) for k in order if counts[i, k] > 0] + [tokens["<eos>"]])
+    assert datasets.load_from_disk(str(out))["input_ids"] == expected

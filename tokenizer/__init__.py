@@ -10,10 +10,10 @@ Python API::
     cells = TokenizedCells.load("tokens")                    # dataset + vocabulary + spec
     cells = tokenize_adata(adata, GeneVocab.load("stats"))   # the same, in memory
 
-Heavy modules are imported on first use, so ``import tokenizer`` stays light.
+Heavy modules (numba's kernels, pandas) are imported on first use, so ``import tokenizer`` stays light: the command
+line (``python -m tokenizer.cli``) starts without them and imports only what its command needs.
 """
 
-from .encode import RankTokens, encode_count_rows, mix_seeds, rank_encode
 from .errors import (
     CorruptFileError,
     DatasetFormatError,
@@ -23,7 +23,6 @@ from .errors import (
     VocabularyMismatchError,
 )
 from .spec import TOKENIZATION_FILE, TokenizationSpec
-from .vocab import SPECIAL_TOKENS, GeneVocab
 
 __all__ = [
     "CorruptFileError",
@@ -50,6 +49,12 @@ __all__ = [
 ]
 
 _LAZY = {
+    "RankTokens": "encode",
+    "encode_count_rows": "encode",
+    "mix_seeds": "encode",
+    "rank_encode": "encode",
+    "SPECIAL_TOKENS": "vocab",
+    "GeneVocab": "vocab",
     "fit_statistics": "stats",
     "merge_statistics": "stats",
     "accumulate_statistics": "stats",

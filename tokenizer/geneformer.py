@@ -13,6 +13,7 @@ express never loads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ class GeneformerDicts:
     """Geneformer's dictionaries as a vocabulary plus the id-collapsing map."""
 
     vocab: GeneVocab
-    mapping: dict[str, str] | None  # upper-cased gene id -> dictionary gene id
+    mapping: dict[str, str] | None  # upper-cased gene id -> gene id (not every target is in the token dictionary)
     directory: Path
 
     @property
@@ -55,6 +56,15 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path} must hold a JSON object")
     return data
+
+
+def _upper_keys(raw: dict[str, str]) -> dict[str, str]:
+    """``raw`` with upper-cased keys, as Geneformer looks ids up. The keys of Geneformer's own mapping are upper-case
+    already (Ensembl ids and a few numbers): then ``raw`` itself is returned, which saves upper-casing its 174,000
+    keys (0.2 s). The check is done in C (``str.isupper``) on every key, in Python only on the few it rejects."""
+    if all(k == k.upper() for k in itertools.filterfalse(str.isupper, raw)):
+        return raw
+    return {k.upper(): v for k, v in raw.items()}
 
 
 def load_geneformer_dicts(directory: str | os.PathLike) -> GeneformerDicts:
@@ -87,7 +97,7 @@ def load_geneformer_dicts(directory: str | os.PathLike) -> GeneformerDicts:
         symbols = [best.get(g, "") for g in genes]
     mapping = None
     if (directory / MAPPING_FILE).is_file():
-        mapping = {k.upper(): v for k, v in _read_json(directory / MAPPING_FILE).items() if v in tokens}
+        mapping = _upper_keys(_read_json(directory / MAPPING_FILE))
     n = len(genes)
     vocab = GeneVocab(
         gene_ids=genes,

@@ -3,8 +3,10 @@
 An h5ad file is opened with h5py and its matrix (``X``, a named layer, or ``raw/X``) is read in row chunks: a CSR
 matrix by slicing ``indptr``, ``indices`` and ``data``; a dense 2-D dataset by row blocks. The whole matrix is never
 loaded, so memory stays flat however many cells a file holds. ``obs`` and ``var`` columns are small and are read whole
-with anndata's element readers. A ``.loom`` file (Geneformer's other input format: genes x cells, dense) is read
-in column blocks by :class:`LoomSource`. An in-memory :class:`anndata.AnnData` is wrapped behind the same interface.
+with anndata's element readers; the plain encodings (strings, numbers, categoricals of strings) straight into numpy
+arrays, so that tokenizing an h5ad never imports pandas (a fifth of a second at every start). A ``.loom`` file
+(Geneformer's other input format: genes x cells, dense) is read in column blocks by :class:`LoomSource`. An
+in-memory :class:`anndata.AnnData` is wrapped behind the same interface.
 
 Every chunk is checked as it is read: negative, NaN/inf and (unless ``allow_non_integer``) non-integer values raise
 :class:`~tokenizer.errors.InvalidCountsError` naming the file, the first offending cell and gene.
@@ -20,15 +22,19 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numba
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .errors import CorruptFileError, InputError, InvalidCountsError
 
@@ -72,6 +78,22 @@ class CountSource:
     def obs_column(self, key: str) -> pd.Series:
         raise NotImplementedError
 
+    def var_names(self) -> np.ndarray:
+        """The var names as a str array."""
+        return np.asarray(self.var().index).astype(str)
+
+    def var_keys(self) -> list[str]:
+        return [str(k) for k in self.var().columns]
+
+    def var_values(self, key: str):
+        """``var[key]``: a numpy array for the plain encodings (object array of str, ``None`` where missing; numbers;
+        booleans), or a pandas object for anything else."""
+        return self.var()[key]
+
+    def obs_values(self, key: str):
+        """``obs[key]`` as :meth:`var_values` gives var columns (no check that it exists: see :meth:`require_obs`)."""
+        return self.obs_column(key)
+
     def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
         """Rows ``[start, stop)``. With ``reuse``, the arrays may be buffers that the next call with the same
         ``slot`` overwrites (no fresh memory per block; the chunk pipeline alternates two slots, reading one block
@@ -83,10 +105,18 @@ class CountSource:
 
     def require_obs(self, key: str) -> pd.Series:
         """``obs[key]``, or an :class:`InputError` listing the columns there are."""
+        self.check_obs_key(key)
+        return self.obs_column(key)
+
+    def require_obs_values(self, key: str):
+        """:meth:`obs_values` of a column that must exist (else the error of :meth:`require_obs`)."""
+        self.check_obs_key(key)
+        return self.obs_values(key)
+
+    def check_obs_key(self, key: str) -> None:
         if key not in self.obs_keys():
             available = ", ".join(self.obs_keys()) or "(none)"
             raise InputError(f"{self.name}: obs has no column {key!r}; available columns: {available}")
-        return self.obs_column(key)
 
     def __enter__(self) -> CountSource:
         return self
@@ -195,20 +225,45 @@ class H5adSource(CountSource):
         except Exception as err:  # h5py and anndata raise several types for damaged elements
             raise CorruptFileError(f"{self.name}: cannot read {path} ({err})") from None
 
+    def _read_values(self, path: str):
+        """An obs/var column: numpy for the plain encodings (:func:`_read_numpy`), else as :meth:`_read` reads it."""
+        try:
+            value = _read_numpy(self._file[path])
+        except Exception as err:  # h5py raises several types for damaged elements
+            raise CorruptFileError(f"{self.name}: cannot read {path} ({err})") from None
+        return value if value is not None else self._read(path)
+
     def var(self) -> pd.DataFrame:
         return self._read(self._var_path)
 
-    def obs_names(self) -> np.ndarray:
-        return np.asarray(self._read(f"obs/{self._index_key('obs')}")).astype(str)
+    def var_names(self) -> np.ndarray:
+        return np.asarray(self._read_values(f"{self._var_path}/{self._index_key(self._var_path)}")).astype(str)
 
-    def obs_keys(self) -> list[str]:
-        index = self._index_key("obs")
-        stored = [k for k in self._file["obs"].keys() if k != index and not k.startswith("__")]
+    def var_keys(self) -> list[str]:
+        return self._column_keys(self._var_path)
+
+    def var_values(self, key: str):
+        return self._read_values(f"{self._var_path}/{key}")
+
+    def obs_values(self, key: str):
+        return self._read_values(f"obs/{key}")
+
+    def obs_names(self) -> np.ndarray:
+        return np.asarray(self._read_values(f"obs/{self._index_key('obs')}")).astype(str)
+
+    def _column_keys(self, group: str) -> list[str]:
+        index = self._index_key(group)
+        stored = [k for k in self._file[group].keys() if k != index and not k.startswith("__")]
         order = [k.decode() if isinstance(k, bytes) else str(k)
-                 for k in self._file["obs"].attrs.get("column-order", [])]
+                 for k in self._file[group].attrs.get("column-order", [])]
         return [k for k in order if k in stored] + [k for k in stored if k not in order]
 
+    def obs_keys(self) -> list[str]:
+        return self._column_keys("obs")
+
     def obs_column(self, key: str) -> pd.Series:
+        import pandas as pd
+
         return pd.Series(self._read(f"obs/{key}"))
 
     def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
@@ -239,6 +294,22 @@ def _attr(node, name: str, default=None):
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _read_numpy(node):
+    """An obs/var column in a plain encoding as a numpy array, without pandas: a string array (object array of str), a
+    numeric or boolean array, or a categorical whose categories are strings (object array, ``None`` where the code is
+    -1, as pandas' ``astype(object)`` gives ``NaN``); None for anything else."""
+    kind = _attr(node, "encoding-type")
+    if isinstance(node, h5py.Dataset):
+        return _read_plain(node)
+    if kind == "categorical" and "codes" in node and "categories" in node:
+        codes, categories = _read_plain(node["codes"]), _read_plain(node["categories"])
+        if codes is None or categories is None or codes.dtype.kind not in "iu" or categories.dtype != object:
+            return None
+        values = np.append(categories, None)  # code -1 (missing) picks the None at the end
+        return values[np.where(codes >= 0, codes, len(categories))]
+    return None
+
+
 def _read_plain(node):
     """The anndata encodings obs/var elements usually have (string arrays, numeric and boolean arrays, categoricals,
     nullable integers and booleans, data frames of those), read as anndata reads them; None for anything else."""
@@ -249,6 +320,8 @@ def _read_plain(node):
         if kind == "array" and node.ndim == 1 and node.dtype.kind in "biuf":
             return node[...]
         return None
+    import pandas as pd  # the other encodings are pandas objects
+
     if kind == "categorical" and "codes" in node and "categories" in node:
         codes, categories = _read_plain(node["codes"]), _read_plain(node["categories"])
         if codes is None or categories is None or codes.dtype.kind not in "iu":
@@ -397,6 +470,8 @@ class LoomSource(CountSource):
         return [k for k in group if isinstance(group[k], h5py.Dataset) and group[k].shape == (n,)]
 
     def var(self) -> pd.DataFrame:
+        import pandas as pd
+
         columns = {k: self._attr(self._rows, k) for k in self._keys(self._rows, self.n_vars)}
         return pd.DataFrame(columns, index=pd.Index(np.asarray(columns[self.GENE_ID]).astype(str)))
 
@@ -408,7 +483,21 @@ class LoomSource(CountSource):
     def obs_keys(self) -> list[str]:
         return [k for k in self._keys(self._cols, self.n_obs) if k != self.CELL_ID]
 
+    def var_names(self) -> np.ndarray:
+        return np.asarray(self._attr(self._rows, self.GENE_ID)).astype(str)
+
+    def var_keys(self) -> list[str]:
+        return self._keys(self._rows, self.n_vars)
+
+    def var_values(self, key: str):
+        return self._attr(self._rows, key)
+
+    def obs_values(self, key: str):
+        return self._attr(self._cols, key)
+
     def obs_column(self, key: str) -> pd.Series:
+        import pandas as pd
+
         return pd.Series(self._attr(self._cols, key))
 
     def read_rows(self, start: int, stop: int, reuse: bool = False, slot: int = 0) -> RawChunk:
@@ -486,40 +575,63 @@ def read_gene_columns(source: CountSource, *, gene_id_key: str | None = None,
 
     Ids not found in ``gene_map`` (tried as is, then upper-cased) become ``''``; empty ids are dropped by callers.
     """
-    var = source.var()
-    labels = np.asarray(var.index).astype(str)
+    labels = source.var_names()
+    keys = source.var_keys()
     if gene_id_key is None:
-        raw = pd.Series(labels)
+        raw = labels.tolist()
     else:
-        if gene_id_key not in var.columns:
+        if gene_id_key not in keys:
             raise InputError(f"{source.name}: var has no column {gene_id_key!r}; available columns: "
-                             f"{', '.join(map(str, var.columns)) or '(none)'} (or leave --gene_id_key out to use "
+                             f"{', '.join(map(str, keys)) or '(none)'} (or leave --gene_id_key out to use "
                              "var_names)")
-        raw = pd.Series(np.asarray(var[gene_id_key].astype(object).fillna("")).astype(str))
-    raw = raw.str.strip()
-    empty = (raw == "") | raw.str.lower().isin(["nan", "none"])
+        raw = _as_text(source.var_values(gene_id_key)).tolist()
+    raw = [r.strip() for r in raw]
+    empty = np.array([r == "" or r.lower() in ("nan", "none") for r in raw], dtype=bool)
     n_unmapped = 0
     if gene_map is not None:
-        mapped = raw.map(gene_map)
-        mapped = mapped.fillna(raw.str.upper().map(gene_map))
-        unmapped = mapped.isna() & ~empty
-        n_unmapped = int(unmapped.sum())
-        ids = mapped.fillna("").astype(str)
+        mapped = [_lookup(gene_map, r) for r in raw]
+        mapped = [m if m is not None else _lookup(gene_map, r.upper()) for m, r in zip(mapped, raw)]
+        n_unmapped = sum(1 for m, e in zip(mapped, empty) if m is None and not e)
+        ids = ["" if m is None else str(m) for m in mapped]
     else:
-        ids = raw.where(~empty, "")
-    if "gene_symbol" in var.columns:
-        symbols = np.asarray(var["gene_symbol"].astype(object).fillna("")).astype(str)
+        ids = ["" if e else r for r, e in zip(raw, empty)]
+    if "gene_symbol" in keys:
+        symbols = _as_text(source.var_values("gene_symbol"))
     elif gene_id_key is not None or gene_map is not None:
         symbols = labels
     else:
         symbols = np.full(len(labels), "", dtype=object).astype(str)
-    return GeneColumns(np.asarray(ids, dtype=str), symbols, labels, int(empty.sum()), n_unmapped)
+    return GeneColumns(np.asarray(ids, dtype=str).reshape(-1), symbols, labels, int(empty.sum()), n_unmapped)
 
 
-def column_map(ids: np.ndarray, target: pd.Index) -> np.ndarray:
-    """``(n_vars,)`` int64 position of each column's gene id in ``target``, ``-1`` where absent or empty."""
-    col_map = target.get_indexer(pd.Index(ids)).astype(np.int64)
-    col_map[np.asarray(ids) == ""] = -1
+def is_missing(value) -> bool:
+    """Whether a value of an object column is missing (None or NaN), as pandas' ``isna`` sees it."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _lookup(mapping: dict, key: str):
+    """``mapping[key]``, None where it is absent or missing, as ``Series.map`` reads a dict."""
+    value = mapping.get(key)
+    return None if is_missing(value) else value
+
+
+def _as_text(values) -> np.ndarray:
+    """A column as a str array, ``''`` where a value is missing: ``Series(values).astype(object).fillna('')
+    .astype(str)``, done without pandas for an object array (the plain string encodings)."""
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        return np.array(["" if is_missing(v) else str(v) for v in values.tolist()], dtype=str).reshape(-1)
+    import pandas as pd
+
+    return np.asarray(pd.Series(values).astype(object).fillna("")).astype(str)
+
+
+def column_map(ids: np.ndarray, target: Sequence[str]) -> np.ndarray:
+    """``(n_vars,)`` int64 position of each column's gene id in ``target`` (unique ids, e.g. a vocabulary's genes or
+    a ``pandas.Index``), ``-1`` where absent or empty."""
+    position = {g: i for i, g in enumerate(target)}
+    ids = np.asarray(ids)
+    col_map = np.fromiter((position.get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+    col_map[ids == ""] = -1
     return col_map
 
 
@@ -700,11 +812,17 @@ class SourcePlan:
 
 def read_obs_totals(source: CountSource, key: str) -> np.ndarray:
     """``obs[key]`` as float64 library sizes, checked to be finite and non-negative."""
-    column = source.require_obs(key)
-    try:
-        totals = pd.to_numeric(column, errors="raise").to_numpy(dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{source.name}: obs[{key!r}] is not numeric, so it cannot be the library size") from None
+    column = source.require_obs_values(key)
+    if isinstance(column, np.ndarray) and column.dtype.kind in "biuf":
+        totals = column.astype(np.float64)
+    else:
+        import pandas as pd
+
+        try:
+            totals = pd.to_numeric(pd.Series(column), errors="raise").to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"{source.name}: obs[{key!r}] is not numeric, so it cannot be the library size") \
+                from None
     bad = ~np.isfinite(totals) | (totals < 0)
     if bad.any():
         row = int(np.argmax(bad))

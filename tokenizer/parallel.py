@@ -40,6 +40,13 @@ class _Bar(tqdm):
     monitor_interval = 0  # no monitor thread: a thread would make forking workers unsafe
 
 
+def block_size(total: int, num_workers: int, chunk_size: int) -> int:
+    """Rows per work unit: enough units to balance the workers, whole chunks, at most 65,536 rows."""
+    per = -(-total // max(1, 4 * num_workers))
+    per = max(chunk_size, min(65_536, per))
+    return -(-per // chunk_size) * chunk_size
+
+
 def start_method() -> str:
     """How worker processes are started (see the module docstring)."""
     chosen = os.environ.get("EXPRESS_MP_START")

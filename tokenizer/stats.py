@@ -40,6 +40,7 @@ from .io import (
     read_obs_totals,
 )
 from .output import staged_dir
+from .parallel import block_size
 from .sketch import (
     _LOG_TABLE,
     FIXED_POINT,
@@ -485,11 +486,7 @@ def _plan_units(n_obs: Sequence[int], block: int) -> list[tuple[int, int, int]]:
     return [(i, a, min(a + block, n)) for i, n in enumerate(n_obs) for a in range(0, n, block)]
 
 
-def _block_size(total: int, num_workers: int, chunk_size: int) -> int:
-    """Rows per work unit: enough units to balance the workers, whole chunks, at most 65,536 rows."""
-    per = -(-total // max(1, 4 * num_workers))
-    per = max(chunk_size, min(65_536, per))
-    return -(-per // chunk_size) * chunk_size
+_block_size = block_size  # kept under its old name (it lives in .parallel, which tokenize imports without pandas)
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
