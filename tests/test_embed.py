@@ -231,3 +231,34 @@ def test_bad_input_is_one_line_and_writes_nothing(express_dir, geneformer, tmp_p
         assert err[-1].startswith("express-embed: error:") and message in err[-1], err
         assert "Traceback" not in "\n".join(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "lognorm.h5ad", "not_a_model"]
+
+
+def test_cuda_falls_back_to_the_cpu_without_a_gpu(express_dir, monkeypatch, caplog):
+    import logging
+
+    from finetune.embed import InputError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="finetune.embed"):
+        assert resolve_device("cuda").type == "cpu"
+    assert "no CUDA device" in caplog.text
+    assert resolve_device(None).type == "cpu"  # the default: cuda only when there is one
+    with pytest.raises(InputError, match="cpu or cuda"):
+        resolve_device("meta")
+    adata = toy_adata()
+    on_cuda = embed_cells(adata, express_dir, device="cuda", key_added=None, progress=False).cells
+    on_cpu = embed_cells(adata, express_dir, device="cpu", key_added=None, progress=False).cells
+    np.testing.assert_array_equal(on_cuda, on_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_the_gpu_is_close_to_float32_on_the_cpu(express_dir):
+    adata = toy_adata()
+    cpu = embed_cells(adata, express_dir, device="cpu", key_added=None, progress=False).cells
+    gpu = embed_cells(adata, express_dir, device="cuda", key_added=None, progress=False, gene_embeddings=True)
+    assert gpu.cells.dtype == np.float32 and np.isfinite(gpu.cells).all()
+    cosine = (cpu * gpu.cells).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu.cells, axis=1)
+    assert cosine.min() > 0.99  # bf16 autocast: close, not equal
+    exact = embed_cells(adata, express_dir, device="cuda", bf16=False, key_added=None, progress=False).cells
+    np.testing.assert_allclose(exact, cpu, atol=1e-4)
