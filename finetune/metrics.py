@@ -9,13 +9,15 @@ scale: :func:`protein_rmse` (root mean squared error over all cells x proteins),
 averaged over proteins). A constant prediction carries no information and scores 0 (so the mean-per-protein baseline
 has per-protein Pearson 0); cells or proteins whose measured values are constant are left out of the mean.
 
-Embeddings (as in scIB, Luecken et al. 2022): :func:`label_silhouette` ((ASW + 1) / 2 over cell types),
+Embeddings (as in scIB, Luecken et al. 2022, with scib-metrics' definitions: ``tests/test_finetune_metrics.py``
+checks the agreement on real cells): :func:`label_silhouette` ((ASW + 1) / 2 over cell types),
 :func:`batch_silhouette` (1 - |ASW| over batches within each cell type, averaged), :func:`cluster_agreement` (NMI and
 ARI of k-means clusters, k = number of cell types, and of Leiden clusters when ``leidenalg`` is installed),
 :func:`knn_accuracy` (leave-one-out k-NN label accuracy), :func:`ilisi` (inverse Simpson's index of batches in
 perplexity-weighted neighbourhoods, Korsunsky et al. 2019; 1 = one batch, n_batches = perfectly mixed),
 :func:`batch_entropy` (entropy of batch labels among the k nearest neighbours, normalised to [0, 1]) and
-:func:`graph_connectivity` (share of each cell type in the largest connected component of its kNN subgraph).
+:func:`graph_connectivity` (share of each cell type in the largest strongly connected component of its directed
+kNN subgraph).
 """
 
 from __future__ import annotations
@@ -122,13 +124,15 @@ def label_silhouette(embedding: np.ndarray, labels: Sequence) -> float:
 
 
 def batch_silhouette(embedding: np.ndarray, batches: Sequence, labels: Sequence) -> float:
-    """scIB's batch ASW: within each cell type present in >= 2 batches, ``mean(1 - |silhouette by batch|)``;
-    averaged over cell types. 1 = batches fully mixed, 0 = separated."""
+    """scIB's batch ASW: within each cell type, ``mean(1 - |silhouette by batch|)``; averaged over cell types.
+    1 = batches fully mixed, 0 = separated. Types in a single batch, or with every cell in its own batch, are left
+    out (no silhouette is defined there)."""
     batches, labels = np.asarray(batches).astype(str), np.asarray(labels).astype(str)
     scores = []
     for label in np.unique(labels):
         members = labels == label
-        if members.sum() < 3 or len(np.unique(batches[members])) < 2:
+        n_batches = len(np.unique(batches[members]))
+        if n_batches == 1 or n_batches == members.sum():
             continue
         sil = silhouette_samples(embedding[members], batches[members])
         scores.append(np.mean(1.0 - np.abs(sil)))
@@ -185,14 +189,14 @@ def knn_accuracy(embedding: np.ndarray, labels: Sequence, k: int = 15) -> float:
 
 
 def _perplexity_weights(distances: np.ndarray, perplexity: float, tol: float = 1e-5, iters: int = 50) -> np.ndarray:
-    """Gaussian kernel weights per row with the precision chosen (bisection) so the row entropy is log(perplexity)."""
+    """Per row, weights ``exp(-beta * d)`` normalised to 1, with the precision ``beta`` chosen by bisection so the
+    row's entropy is ``log(perplexity)`` (harmony's LISI kernel on plain distances)."""
     n = distances.shape[0]
-    d2 = distances**2
     target = np.log(perplexity)
     beta = np.ones(n)
     lo, hi = np.zeros(n), np.full(n, np.inf)
     for _ in range(iters):
-        logits = -d2 * beta[:, None]
+        logits = -distances * beta[:, None]
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(1, keepdims=True)
@@ -206,18 +210,22 @@ def _perplexity_weights(distances: np.ndarray, perplexity: float, tol: float = 1
     return p
 
 
-def ilisi(embedding: np.ndarray, batches: Sequence, *, perplexity: float = 30.0) -> float:
-    """Median integration LISI: per cell, ``1 / sum_b P(b)^2`` over its ``3 * perplexity`` nearest neighbours with
-    perplexity-calibrated Gaussian weights (harmony / scIB definition, without scIB's rescaling)."""
+def ilisi(embedding: np.ndarray, batches: Sequence, *, perplexity: float = 30.0, scale: bool = False) -> float:
+    """Median integration LISI (harmony / scIB): per cell, ``1 / sum_b P(b)^2`` over its neighbours with
+    perplexity-calibrated weights; the neighbourhood is the ``3 * perplexity`` nearest cells counting the cell itself
+    (which gets no weight), as scib-metrics takes it. ``scale``: scIB's ``(iLISI - 1) / (n_batches - 1)`` in [0, 1]."""
     batches = np.asarray(batches).astype(str)
     _, b = np.unique(batches, return_inverse=True)
-    k = int(min(3 * perplexity, len(b) - 1))
+    k = int(min(3 * perplexity, len(b))) - 1  # neighbours besides the cell itself
     dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
-    weights = _perplexity_weights(dist[:, 1:], min(perplexity, k / 3.0))
+    weights = _perplexity_weights(dist[:, 1:], min(perplexity, (k + 1) / 3.0))
     n_batches = b.max() + 1
     share = np.zeros((len(b), n_batches))
     np.add.at(share, (np.repeat(np.arange(len(b)), k), b[idx[:, 1:]].ravel()), weights.ravel())
-    return float(np.median(1.0 / (share**2).sum(1)))
+    median = float(np.median(1.0 / (share**2).sum(1)))
+    if scale:
+        return (median - 1.0) / (n_batches - 1) if n_batches > 1 else float("nan")
+    return median
 
 
 def batch_entropy(embedding: np.ndarray, batches: Sequence, k: int = 50) -> float:
@@ -237,14 +245,18 @@ def batch_entropy(embedding: np.ndarray, batches: Sequence, k: int = 50) -> floa
 
 
 def graph_connectivity(embedding: np.ndarray, labels: Sequence, k: int = 15) -> float:
-    """scIB graph connectivity: mean over cell types of (largest connected component of the type's cells in the
-    kNN graph) / (cells of the type). 1 = every type forms one connected piece."""
+    """scIB graph connectivity as scib-metrics computes it: each cell points to its ``k`` nearest cells (itself
+    included); per cell type, the largest strongly connected component of the type's cells in that directed graph
+    over the type's cells; averaged over types. 1 = every type forms one connected piece."""
     labels = np.asarray(labels).astype(str)
-    graph = knn_graph(embedding, k)
+    n = embedding.shape[0]
+    k = min(k, n)
+    _, idx = NearestNeighbors(n_neighbors=k).fit(embedding).kneighbors(embedding)
+    graph = sp.csr_matrix((np.ones(n * k), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
     scores = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        _, comp = connected_components(graph[members][:, members], directed=False)
+        _, comp = connected_components(graph[members][:, members], directed=True, connection="strong")
         scores.append(np.bincount(comp).max() / len(members))
     return float(np.mean(scores))
 

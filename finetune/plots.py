@@ -37,21 +37,29 @@ def umap_coordinates(embedding: np.ndarray, *, seed: int = 0, n_neighbors: int =
     return reducer.fit_transform(np.asarray(embedding, dtype=np.float32))
 
 
+def scatter_categories(ax, coords: np.ndarray, values: Sequence, *, size: float = 4) -> list[str]:
+    """Points coloured by a categorical annotation, one colour per category (tab10, tab20 beyond ten), no ticks;
+    returns the categories in colour order."""
+    plt = _pyplot()
+    values = np.asarray(values).astype(str)
+    cats = sorted(set(values))
+    cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+    for i, cat in enumerate(cats):
+        m = values == cat
+        ax.scatter(coords[m, 0], coords[m, 1], s=size, color=cmap(i % cmap.N), label=cat, rasterized=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return cats
+
+
 def plot_umap(coords: np.ndarray, colours: dict[str, Sequence], path: str | Path, *, title: str = "") -> Path:
     """One panel per annotation (e.g. cell type, batch, donor), categorical colours, legend beside each panel."""
     plt = _pyplot()
     n = len(colours)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
     for ax, (name, values) in zip(axes[0], colours.items()):
-        values = np.asarray(values).astype(str)
-        cats = sorted(set(values))
-        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-        for i, cat in enumerate(cats):
-            m = values == cat
-            ax.scatter(coords[m, 0], coords[m, 1], s=4, color=cmap(i % cmap.N), label=cat, rasterized=True)
+        cats = scatter_categories(ax, coords, values, size=4)
         ax.set_title(f"{title} {name}".strip())
-        ax.set_xticks([])
-        ax.set_yticks([])
         if len(cats) <= 50:
             ax.legend(fontsize=5 if len(cats) > 20 else 6, markerscale=2, loc="center left",
                       bbox_to_anchor=(1.0, 0.5), frameon=False, ncol=2 if len(cats) > 20 else 1)

@@ -92,21 +92,22 @@ class FinetuneArgs:
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     batch_size: int = field(default=64, metadata={"help": "cells per step"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the heads (and MLP encoder)"})
-    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default lr / 10 if pretrained)"})
+    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default: --lr)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
-    class_weighting: Literal["none", "balanced", "sqrt", "auto"] = field(default="none", metadata={
+    class_weighting: Literal["none", "balanced", "sqrt", "auto"] = field(default="balanced", metadata={
         "help": "cell-type loss weights per class from the training labels: balanced = n / (C * n_c), sqrt = its "
                 "square root (small classes count more, as they do in macro-F1), auto = the best of the three on "
                 "the validation cells"})
-    min_steps: int = field(default=0, metadata={"help": "the fewest optimizer steps, whatever --epochs gives"})
+    min_steps: int = field(default=500, metadata={"help": "the fewest optimizer steps, whatever --epochs gives"})
     thinning: float = field(default=0.0, metadata={
         "help": "augmentation: each training visit keeps every count with a probability in [1 - thinning, 1)"})
     selection: Literal["auto", "loss"] = field(default="auto", metadata={
         "help": "what picks the epoch on the validation cells: auto = macro-F1 (cell types), per-protein Pearson "
                 "(proteins), the loss (VAE)"})
-    validation_key: str | None = field(default=None, metadata={
-        "help": "obs column whose groups (donors, batches) the validation cells are held out by, whole"})
+    validation_key: str | None = field(default="auto", metadata={
+        "help": "obs column whose groups (donors, batches) the validation cells are held out by, whole; auto: the "
+                "first of donor, batch, sample with two or more groups in the training cells, else random cells"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots"})

@@ -317,6 +317,25 @@ def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, max_cells: int =
     return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))) + n_special
 
 
+def mean_profiles(corpus: Corpus, *, max_cells: int = 20_000, seed: int = 0) -> np.ndarray:
+    """``(n_datasets, vocab_size)`` log share of each gene in the pooled kept counts of (up to ``max_cells``) training
+    cells of each dataset (+0.5 per gene; special tokens -inf): the MCV reference that knows a cell's dataset and
+    nothing else about it."""
+    train = corpus.train
+    rows = np.arange(len(train))
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
+    totals = np.full((len(corpus.parts), corpus.vocab.vocab_size), 0.5)
+    for item in train.__getitems__(rows.tolist()):
+        if "counts_ids" not in item:
+            raise DatasetFormatError("mean profiles are read from the kept counts: tokenize with --keep_counts")
+        np.add.at(totals[int(item["dataset_index"])], np.asarray(item["counts_ids"], dtype=np.int64),
+                  np.asarray(item["counts"], dtype=np.float64))
+    totals[:, : corpus.vocab.n_special] = 0.0
+    with np.errstate(divide="ignore"):
+        return np.log(totals / totals.sum(axis=1, keepdims=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cell-type labels
 # ---------------------------------------------------------------------------------------------------------------------

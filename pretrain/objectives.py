@@ -76,18 +76,24 @@ def make_collator(vocab: GeneVocab, specs: Sequence[TokenizationSpec], objective
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str, float]:
+def evaluate(model, loader, accelerator, objectives: Sequence[str], *, mcv_profiles: torch.Tensor | None = None
+             ) -> dict[str, float]:
     """Held-out metrics of the objectives, over every process's cells: ``eval/mlm_loss`` and ``eval/mlm_accuracy``
     (over masked genes), ``eval/mcv_nll`` (nats per held-out count over all cells) and ``eval/mcv_nll_cell`` (per
     held-out count of each cell, averaged over cells), ``eval/count_nll``, ``eval/contrastive_loss``,
-    ``eval/celltype_loss`` and ``eval/celltype_accuracy`` (over labelled cells)."""
+    ``eval/celltype_loss`` and ``eval/celltype_accuracy`` (over labelled cells).
+
+    With ``mcv_profiles`` (:func:`pretrain.data.mean_profiles`; the loader's batches then carry ``dataset_index``),
+    also ``eval/mcv_nll_mean_profile``: the same held-out counts scored by the cell's dataset's mean profile over the
+    genes the model scores, with the model's dispersions -- how much of the model's MCV is only knowing the dataset."""
     model.eval()
     # masked tokens, MLM loss sum, correct, held-out counts, MCV NLL sum, count targets, count NLL sum, cells with a
     # held-out count, their per-count NLL sum, contrastive batches, contrastive loss sum, labelled cells, their
     # cell-type loss sum, correct cell types
-    sums = torch.zeros(14, dtype=torch.float64, device=accelerator.device)
+    sums = torch.zeros(15, dtype=torch.float64, device=accelerator.device)  # [14]: the mean profile's MCV NLL sum
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        dataset_index = batch.pop("dataset_index", None)
         if "mlm" not in objectives:
             batch.pop("labels", None)
         with accelerator.autocast():
@@ -106,6 +112,12 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
             scored = held > 0
             sums[7] += scored.sum()
             sums[8] += (nll[scored] / held[scored]).double().sum()
+            if mcv_profiles is not None:
+                reference = mcv_profiles.to(out.mcv_logits.device)[dataset_index]
+                reference = torch.where(torch.isfinite(out.mcv_logits), reference, -torch.inf)
+                reference_nll, _ = model.mcv_cell_nll(reference, out.mcv_theta, batch["mcv_counts"],
+                                                      batch.get("mcv_library_size"))
+                sums[14] += reference_nll.double().sum()
         if out.count_loss is not None:
             k = (batch["count_targets"] != IGNORE_INDEX).sum()
             sums[5] += k
@@ -127,6 +139,8 @@ def evaluate(model, loader, accelerator, objectives: Sequence[str]) -> dict[str,
     if total[3] > 0:
         metrics["eval/mcv_nll"] = total[4] / total[3]
         metrics["eval/mcv_nll_cell"] = total[8] / max(total[7], 1.0)
+        if mcv_profiles is not None:
+            metrics["eval/mcv_nll_mean_profile"] = total[14] / total[3]
     if total[5] > 0:
         metrics["eval/count_nll"] = total[6] / total[5]
     if total[9] > 0:

@@ -1,4 +1,5 @@
-"""Pretrain an express encoder with masked-gene modelling (MLM) and molecular cross-validation (MCV).
+"""Pretrain an express encoder: masked-gene modelling (MLM), molecular cross-validation (MCV) decoded from the cell
+embedding, and a contrastive agreement of two views of each cell (the default recipe; see ``PretrainArgs``).
 
 One CPU, one GPU, many GPUs or many nodes, with the same script (the loop is :func:`pretrain.loop.train`).
 
@@ -10,7 +11,7 @@ tokenized into ``runs/pretrain_default/default_data`` on first use) in a few min
 Your own corpus (tokenized with ``express-tokenize tokenize --keep_counts``, all with one statistics folder)::
 
     accelerate launch pretrain/run.py --dataset tokens/a --dataset tokens/b --output_dir runs/mine \\
-        --max_steps 20000 --objectives mlm,mcv --save_steps 1000 --seed 0 [--resume] [--config args.yaml]
+        --max_steps 20000 --save_steps 1000 --seed 0 [--resume] [--config args.yaml]
 
 CPU, two processes (real gloo DDP; ``accelerate launch --cpu --num_processes 2`` would start only one)::
 
@@ -46,7 +47,7 @@ import torch
 
 from pretrain.args import args_to_dict, parse_args
 from pretrain.checkpoints import CheckpointError, verify_checkpoint
-from pretrain.data import LengthGroupedBatchSampler, highly_variable_tokens, load_corpus
+from pretrain.data import LengthGroupedBatchSampler, highly_variable_tokens, load_corpus, mean_profiles
 from pretrain.loop import LoopSettings, NonFiniteLossError, train
 from pretrain.objectives import CELL_TYPE_COLUMN, evaluate, make_collator, parse_objectives
 from pretrain.pretraining import (
@@ -68,7 +69,7 @@ __all__ = ["NonFiniteLossError", "PretrainArgs", "cli", "main"]
 
 @dataclass
 class PretrainArgs:
-    """Pretrain an express encoder (MLM + MCV) on tokenized datasets with accelerate."""
+    """Pretrain an express encoder on tokenized datasets with accelerate (defaults: the measured recipe)."""
 
     # --- data ---
     dataset: list[str] = field(default_factory=list, metadata={"action": "extend",
@@ -83,11 +84,11 @@ class PretrainArgs:
     eval_fraction: float = field(default=0.05, metadata={"help": "share of each dataset's cells held out"})
     max_eval_cells: int | None = field(default=2000, metadata={"help": "cap on held-out cells per dataset"})
     max_length: int | None = field(default=None, metadata={"help": "truncate cells to this many tokens"})
-    top_k: int | None = field(default=None, metadata={
-        "help": "train on each cell's first top_k ranked genes only (cells tokenized with more are cut; the model "
-                "then tokenizes new cells with top_k); default: as tokenized"})
-    n_zeros: int | None = field(default=None, metadata={
-        "help": "keep at most this many sampled zero genes per cell (0: none); default: as tokenized"})
+    top_k: int | None = field(default=128, metadata={
+        "help": "train on at most each cell's first top_k ranked genes (cells tokenized with more are cut; the model "
+                "then tokenizes new cells so); none: as tokenized"})
+    n_zeros: int | None = field(default=25, metadata={
+        "help": "keep at most this many sampled zero genes per cell (0: none); none: as tokenized"})
     gene_selection: Literal["top", "random"] = field(default="top", metadata={
         "help": "the input genes: the top-ranked ones, or top_k detected genes drawn at random on every visit "
                 "(an ablation; needs kept counts)"})
@@ -97,17 +98,17 @@ class PretrainArgs:
     # --- model ---
     init_from: str | None = field(default=None, metadata={
         "help": "start from this saved model folder (weights and config) instead of a new model"})
-    hidden_size: int = field(default=128, metadata={"help": "encoder width"})
-    num_hidden_layers: int = field(default=4, metadata={"help": "encoder layers"})
+    hidden_size: int = field(default=64, metadata={"help": "encoder width"})
+    num_hidden_layers: int = field(default=2, metadata={"help": "encoder layers"})
     num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
-    intermediate_size: int = field(default=256, metadata={"help": "feed-forward width"})
+    intermediate_size: int = field(default=128, metadata={"help": "feed-forward width"})
     dropout: float = field(default=0.02, metadata={"help": "hidden dropout (embeddings and residual branches)"})
     attention_dropout: float = field(default=0.0, metadata={
         "help": "dropout on attention probabilities (any > 0 sends CPU SDPA to its slow, unfused path)"})
-    pooling: Literal["cls", "mean", "cls_mean"] = field(default="cls", metadata={
+    pooling: Literal["cls", "mean", "cls_mean"] = field(default="mean", metadata={
         "help": "the cell embedding: <cls>, the mean over detected genes, or both concatenated"})
     value_gating: bool = field(default=False, metadata={"help": "each gene's vector is gated by its own value"})
-    gene_embedding_norm: bool = field(default=False, metadata={
+    gene_embedding_norm: bool = field(default=True, metadata={
         "help": "LayerNorm the gene identity before the value, rank and marker embeddings are added"})
     model_config: str | None = field(default=None, metadata={
         "help": "JSON file (or inline JSON) of further ExpressConfig fields, overriding the ones above"})
@@ -116,7 +117,7 @@ class PretrainArgs:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     # --- objectives ---
-    objectives: str = field(default="mlm,mcv", metadata={
+    objectives: str = field(default="mlm,mcv,contrastive", metadata={
         "help": "comma-separated subset of mlm, mcv, count, contrastive, celltype (celltype needs --label_column)"})
     mlm_weight: float = field(default=1.0, metadata={"help": "weight of the masked-gene loss"})
     mcv_weight: float = field(default=1.0, metadata={"help": "weight of the MCV loss"})
@@ -129,18 +130,18 @@ class PretrainArgs:
     mlm_probability: float = field(default=0.15, metadata={"help": "share of detected genes masked per cell"})
     mcv_input_fraction: float = field(default=0.5, metadata={
         "help": "MCV: each count is split x' ~ Binomial(x, p) with this p; x' is the input, x - x' the target"})
-    mcv_fraction_jitter: float = field(default=0.0, metadata={
+    mcv_fraction_jitter: float = field(default=0.3, metadata={
         "help": "each visit draws its own p uniformly from mcv_input_fraction +- this"})
     mcv_unsplit_fraction: float = field(default=0.0, metadata={
         "help": "share of visits that read the whole cell and target the whole cell (the depth evaluation sees)"})
-    mcv_input: Literal["cls", "pooled"] = field(default="cls", metadata={
+    mcv_input: Literal["cls", "pooled"] = field(default="pooled", metadata={
         "help": "MCV decodes the held-out counts from the <cls> state or from the pooled cell embedding"})
-    mcv_normalization: Literal["count", "cell"] = field(default="count", metadata={
+    mcv_normalization: Literal["count", "cell"] = field(default="cell", metadata={
         "help": "MCV loss per held-out count of the batch, or per cell (each cell's NLL per count, averaged)"})
-    mcv_output_genes: int | None = field(default=None, metadata={
+    mcv_output_genes: int | None = field(default=2000, metadata={
         "help": "MCV predicts the held-out counts of the corpus's N most variable genes only (found from the "
-                "training cells' counts, per dataset); default: every gene"})
-    mcv_source_genes: bool = field(default=False, metadata={
+                "training cells' counts, per dataset); 0: every gene"})
+    mcv_source_genes: bool = field(default=True, metadata={
         "help": "spread the held-out library over the genes the cell's source file measures only"})
     contrastive_view: Literal["split", "noise"] = field(default="split", metadata={
         "help": "the second view: the other half of the binomial split, or noisy values"})
@@ -149,7 +150,7 @@ class PretrainArgs:
     per_device_batch_size: int = field(default=16, metadata={"help": "cells per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=150, metadata={"help": "optimizer steps (sets the learning-rate schedule)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -218,18 +219,18 @@ def mixing_weights(part_sizes: list[int], mixing: str) -> list[float] | None:
 
 
 def narrow_specs(corpus, top_k: int | None, n_zeros: int | None) -> bool:
-    """Give every part of ``corpus`` the spec with ``top_k`` genes and ``n_zeros`` zeros (what the collator cuts
-    cells to and what the model records); True when that cuts anything."""
-    if top_k is None and n_zeros is None:
-        return False
+    """Give every part of ``corpus`` the spec with at most ``top_k`` genes and ``n_zeros`` zeros (what the collator
+    cuts cells to and what the model records; a part tokenized with fewer keeps its own); True when that cuts
+    anything."""
+    cut = False
     for part in corpus.parts:
         spec = part.spec
-        if (top_k is not None and top_k > spec.top_k) or (n_zeros is not None and n_zeros > spec.n_zeros):
-            raise ValueError(f"{part.name} was tokenized with top_k={spec.top_k}, n_zeros={spec.n_zeros}: "
-                             f"--top_k/--n_zeros can only keep fewer (got {top_k}, {n_zeros}); tokenize again")
-        part.spec = spec.replace(top_k=spec.top_k if top_k is None else top_k,
-                                 n_zeros=spec.n_zeros if n_zeros is None else n_zeros)
-    return True
+        narrowed = spec.replace(top_k=spec.top_k if top_k is None else min(top_k, spec.top_k),
+                                n_zeros=spec.n_zeros if n_zeros is None else min(n_zeros, spec.n_zeros))
+        if (narrowed.top_k, narrowed.n_zeros) != (spec.top_k, spec.n_zeros):
+            logger.info("%s: cells cut to %d genes and %d sampled zeros", part.name, narrowed.top_k, narrowed.n_zeros)
+            part.spec, cut = narrowed, True
+    return cut
 
 
 def main(args: PretrainArgs | None = None) -> dict[str, Any]:
@@ -316,13 +317,17 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             corpus.eval.lengths, args.per_device_batch_size * 2, seed=args.seed + 1, shuffle=False,
             drop_last=False, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         )
+        profiles = None
+        if "mcv" in objectives:  # the diagnostic reference: each dataset's mean profile
+            profiles = torch.as_tensor(mean_profiles(corpus, seed=args.seed), dtype=torch.float32)
         eval_loader = torch.utils.data.DataLoader(
             corpus.eval, batch_sampler=eval_sampler,
-            collate_fn=make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed + 1, **collate),
+            collate_fn=make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed + 1,
+                                     **{**collate, "pass_columns": ("dataset_index",) if profiles is not None else ()}),
             **loader_kwargs)
 
         def evaluate_fn(unwrapped):
-            return evaluate(unwrapped, eval_loader, accelerator, objectives)
+            return evaluate(unwrapped, eval_loader, accelerator, objectives, mcv_profiles=profiles)
 
     seen_cells: list[tuple[int, int]] = []
 

@@ -13,5 +13,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet "torch==2.13.0" || python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
 fi
-# Always re-run: it is quick once everything is there, and picks up dependencies added since the last run.
-python -m pip install --quiet -e ".[dev]"
+# Always re-run: it is quick once everything is there, and picks up dependencies added since the last run. The bench
+# extra (scvi-tools, scib-metrics) is part of the test environment: the quick benchmark test runs those arms too.
+python -m pip install --quiet -e ".[dev,bench]"

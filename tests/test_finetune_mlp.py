@@ -132,6 +132,17 @@ def test_unlabelled_cells_labels_never_enter_training(cite):
     assert not torch.equal(other.vae.prior.means, models[0].vae.prior.means)
 
 
+def test_normal_prior_reads_no_labels(cite):
+    """A label column beside prior="normal" is not an error and changes nothing: the normal prior reads no labels."""
+    train = cite[0][:120].copy()
+    kw = dict(encoder="mlp", prior="normal", n_top_genes=200, epochs=2, min_steps=0, batch_size=32, seed=1)
+    with_labels = api.train_vae(train, label_key="cell_type", **kw)
+    without = api.train_vae(train, **kw)
+    assert with_labels.config.prior == "normal"
+    for (name, a), (_, b) in zip(with_labels.state_dict().items(), without.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_python_api_writes_results_back(tmp_path, cite):
     train, test = cite[0].copy(), cite[1].copy()
     vae = api.train_vae(train, encoder="mlp", batch_key="batch", n_top_genes=300, epochs=3, head={"n_latent": 8})

@@ -44,14 +44,15 @@ def _steps(model) -> list[int]:
 
 def test_min_steps_is_a_floor_on_the_optimizer_steps():
     adata = toy_adata(80)
-    # 80 cells, 10% validation, batch 32 -> 3 steps per epoch: one epoch would be 3 steps, the floor makes it 20
-    short = api.fit_cell_types(adata, encoder="mlp", n_top_genes=None, epochs=1, batch_size=32, lr=1e-2, seed=0)
-    floored = api.fit_cell_types(adata, encoder="mlp", n_top_genes=None, epochs=1, batch_size=32, lr=1e-2, seed=0,
-                                 min_steps=20)
+    # 80 cells, 10% validation, batch 32 -> 3 steps per epoch: one epoch is 3 steps without a floor, the floor makes
+    # it 20, and the default floor 500
+    assert api.TrainSettings().min_steps == 500
+    kw = dict(encoder="mlp", n_top_genes=None, epochs=1, batch_size=32, seed=0, validation_key=None)
+    short = api.fit_cell_types(adata, lr=1e-2, min_steps=0, **kw)
+    floored = api.fit_cell_types(adata, lr=1e-2, min_steps=20, **kw)
     assert max(_steps(short)) == 3
     assert max(_steps(floored)) == 20
-    capped = api.fit_cell_types(adata, encoder="mlp", n_top_genes=None, epochs=1, batch_size=32, seed=0,
-                                min_steps=20, max_steps=7)
+    capped = api.fit_cell_types(adata, min_steps=20, max_steps=7, **kw)
     assert max(_steps(capped)) == 7  # max_steps wins over both
 
 

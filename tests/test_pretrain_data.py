@@ -612,3 +612,25 @@ def test_highly_variable_tokens_give_a_small_dataset_its_share(tmp_path):
                                               counts=sp.csr_matrix(rng.poisson(rates))))
     tokens = highly_variable_tokens(load_corpus(folders, eval_fraction=0.0), 8)
     assert (tokens - vocab.n_special).tolist() == [41, 61, 81, 101, 121, 141, 161, 181]
+
+
+def test_mean_profiles_are_each_datasets_pooled_gene_shares(tmp_path):
+    """The MCV reference profile of a dataset is log((pooled counts of each gene + 0.5) / total) over its training
+    cells' kept counts; special tokens get -inf and the two datasets keep their own profiles."""
+    from pretrain.data import mean_profiles
+
+    vocab = make_vocab(30)
+    counts = []
+    folders = []
+    for k in range(2):
+        x, _ = make_counts(40, vocab.n_genes, seed=10 + k)
+        counts.append(x)
+        folders.append(make_tokenized_dataset(tmp_path / f"d{k}", n_cells=40, vocab=vocab, seed=k, counts=x))
+    corpus = load_corpus(folders, eval_fraction=0.25, seed=2)
+    profiles = mean_profiles(corpus)
+    assert profiles.shape == (2, vocab.vocab_size)
+    assert np.all(np.isneginf(profiles[:, : vocab.n_special]))
+    for k in range(2):
+        rows = corpus.train.rows[k]
+        pooled = np.asarray(counts[k][rows].sum(axis=0)).ravel() + 0.5
+        np.testing.assert_allclose(profiles[k, vocab.n_special:], np.log(pooled / pooled.sum()), rtol=1e-10)

@@ -1,42 +1,107 @@
-"""Pretraining units: ``pretrain/run.py`` with its defaults on the benchmark corpus, for the budget's training time,
-one run per seed; the ablations' variants change one thing each on the same budget. Beside every default model the
-unit saves the same architecture, vocabulary and tokenization at random weights (``models/random``), the arm that
-tells what pretraining adds. Diagnostics of both: embedding norms and the MCV NLL of a per-dataset mean profile."""
+"""Pretraining units: ``pretrain/run.py`` with its defaults on the benchmark corpus, one run per seed.
+
+The budget sets only the training length, in optimizer steps (``--max_steps``; a busy machine makes a run slower,
+never a different model), with evaluation at the end only and no checkpoint before the final one. Everything else is
+``PretrainArgs()``.
+
+- ``default``: the default recipe for ``pretrain_steps``; beside it the unit saves the same architecture,
+  vocabulary and tokenization at random weights (``models/random``), the arm that tells what pretraining adds;
+- ``default_ablation_budget``: the default recipe for ``ablation_steps``, what every ablation is compared with;
+- :data:`VARIANTS`: one change from the default recipe each, for ``ablation_steps``. A variant whose change is
+  what the defaults already are is not run (the report says so).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
-from .suite import Bench, register
+from .suite import Bench, note, register
 
-# name -> PretrainArgs overrides (one change from the default recipe each)
+# name -> PretrainArgs overrides (one change from the default recipe each); "model_config" entries are ExpressConfig
+# fields merged into the default's own model_config
 VARIANTS: dict[str, dict] = {
     "objective_mlm": {"objectives": "mlm"},
     "objective_mcv": {"objectives": "mcv"},
     "objective_contrastive": {"objectives": "contrastive"},
     "objective_mlm_mcv": {"objectives": "mlm,mcv"},
-    "objective_mlm_mcv_contrastive": {"objectives": "mlm,mcv,contrastive"},
-    "no_sampled_zeros": {"n_zeros": 0},
-    "no_gene_groups": {"gene_groups": False},
-    "no_value_gating": {"value_gating": False},
-    "no_rank_embedding": {"rank_embedding": False},
     "input_random_genes": {"gene_selection": "random"},
+    "tokens_256_50_zeros": {"top_k": 256, "n_zeros": 50},
+    "no_sampled_zeros": {"n_zeros": 0},
+    "no_gene_hierarchy": {"model_config": {"group_level_sizes": [], "group_embedding_dims": []}},
+    "no_gene_embedding_norm": {"gene_embedding_norm": False},
+    "no_rank_embedding": {"model_config": {"position_embedding_type": "none"}},
+    "no_value_embedding": {"model_config": {"value_embedding_dim": 0}},
 }
+ABLATION_REFERENCE = "default_ablation_budget"
+NO_CHECKPOINT = 10**7  # save_steps beyond any run: only the final checkpoint is written
+
+
+def _default_model_config() -> dict:
+    from pretrain.pretraining import model_overrides
+    from pretrain.run import PretrainArgs
+
+    return model_overrides(PretrainArgs().model_config)
+
+
+def overrides(variant: str) -> dict:
+    """``variant``'s PretrainArgs overrides, with ``model_config`` merged into the default's and serialised."""
+    change = dict(VARIANTS.get(variant, {}))
+    if "model_config" in change:
+        change["model_config"] = json.dumps({**_default_model_config(), **change["model_config"]})
+    return change
+
+
+def is_default(variant: str) -> bool:
+    """Whether ``variant`` changes nothing: its overrides are the default recipe's own values."""
+    from pretrain.run import PretrainArgs
+
+    defaults = PretrainArgs()
+    for name, value in VARIANTS[variant].items():
+        current = getattr(defaults, name)
+        if name == "model_config":
+            merged = {**_default_model_config(), **value}
+            if merged != _default_model_config():
+                return False
+        elif name == "objectives":
+            if sorted(value.split(",")) != sorted(defaults.objective_list):
+                return False
+        elif current != value:
+            return False
+    return True
 
 
 def variants(bench: Bench) -> list[str]:
-    return ["default", *(VARIANTS if "ablations" in bench.selected else [])]
+    """The pretraining runs the selected tasks need."""
+    names = ["default"]
+    if "ablations" in bench.selected:
+        if bench.budget.ablation_steps != bench.budget.pretrain_steps:
+            names.append(ABLATION_REFERENCE)
+        names += [v for v in VARIANTS if not is_default(v)]
+    return names
+
+
+def ablation_reference(bench: Bench) -> str:
+    """The run every ablation is compared with: the default recipe on the ablations' budget."""
+    return ABLATION_REFERENCE if bench.budget.ablation_steps != bench.budget.pretrain_steps else "default"
 
 
 def pretrain_args(bench: Bench, variant: str, seed: int):
     from pretrain.run import PretrainArgs
 
-    minutes = bench.budget.pretrain_minutes if variant == "default" else bench.budget.ablation_minutes
-    return PretrainArgs(dataset=[str(p) for p in bench.corpus.pretraining],
-                        output_dir=str(bench.out / "models" / variant / f"seed{seed}"), overwrite_output_dir=True,
-                        max_train_minutes=minutes, seed=seed, report_to="none", progress_bar=False,
-                        save_steps=10**9, **VARIANTS.get(variant, {}))
+    steps = bench.budget.pretrain_steps if variant == "default" else bench.budget.ablation_steps
+    budget = {"max_steps": steps, "eval_steps": 0, "save_steps": NO_CHECKPOINT,
+              "save_total_limit": 1}
+    run = {"dataset": [str(p) for p in bench.corpus.pretraining], "seed": seed,
+           "output_dir": str(bench.out / "models" / variant / f"seed{seed}"), "overwrite_output_dir": True,
+           "report_to": "none", "progress_bar": False}
+    fields = {f.name for f in dataclasses.fields(PretrainArgs)}
+    change = overrides(variant)
+    unknown = sorted(set(change) - fields)
+    if unknown:
+        raise ValueError(f"pretraining variant {variant!r} sets {unknown}, which are not PretrainArgs fields")
+    return PretrainArgs(**run, **budget, **change)
 
 
 def save_random_twin(final_dir, out_dir, seed: int) -> None:
@@ -57,8 +122,9 @@ def save_random_twin(final_dir, out_dir, seed: int) -> None:
     model.save_pretrained(out_dir)
 
 
-@register("pretraining", variants)
+@register("pretraining", variants, primary="mlm_accuracy", description="pretraining runs (held-out metrics)")
 def pretraining(bench: Bench, variant: str, seed: int) -> dict:
+    """Pretrain ``variant`` on the benchmark corpus; its held-out metrics at the end of training."""
     from pretrain.run import main
 
     from .zeroshot import embedding_norms
@@ -66,6 +132,8 @@ def pretraining(bench: Bench, variant: str, seed: int) -> dict:
     args = pretrain_args(bench, variant, seed)
     result = main(args)
     final = bench.model_dir(variant, seed)
+    for folder in (final.parent).glob("checkpoint-*"):  # only final/ is read; checkpoints are large
+        shutil.rmtree(folder, ignore_errors=True)
     out = {"steps": result["step"], "train_minutes": result["train_seconds"] / 60,
            "n_parameters": result["n_parameters"], **{k.split("/")[-1]: v for k, v in result["metrics"].items()}}
     if variant != "default":
@@ -74,7 +142,7 @@ def pretraining(bench: Bench, variant: str, seed: int) -> dict:
 
     twin = bench.model_dir("random", seed)
     save_random_twin(final, twin, seed)
+    note(f"pretraining: {args.objectives} for {args.max_steps} steps per run")
     norms = {"express_pretrained": embedding_norms(ExpressForMaskedModeling.from_pretrained(final)),
              "express_random_init": embedding_norms(ExpressForMaskedModeling.from_pretrained(twin))}
-    (final.parent.parent / "norms.json").write_text(json.dumps(norms, indent=1))
     return {"pretraining": {"default": out}, "embedding_norms": norms}

@@ -1,10 +1,15 @@
-"""The benchmark suite: budgets, the units of work, running them (in parallel, cached), and the report.
+"""The benchmark suite: budgets, the units of work, running them (in parallel, cached), and the whole run.
 
 A run is a list of **units** (:class:`Unit`): one task on one dataset with one seed (``celltypes/kang/seed1``).
 Each unit is a function of the shared :class:`Bench` context that returns ``{setting: {arm: {metric: value}}}``;
 its result is written to ``OUT/units/<task>/<dataset>/seed<seed>.json`` as soon as it finishes, so a rerun with the
-same ``--out`` skips finished units (``--rerun`` recomputes them). Pretraining units come first (the other tasks
-read the pretrained models); the rest run ``--jobs`` at a time, each in its own process with one torch thread.
+same ``--out`` skips finished units (``--rerun`` recomputes them; a unit whose budget changed is recomputed too).
+Pretraining units come first (the other tasks read the pretrained models); the rest run ``--jobs`` at a time, each
+in a worker process with one torch thread.
+
+Budgets (:data:`BUDGETS`) set only how long things train and how many cells they read: every model is trained with
+the library's defaults (``pretrain.run.PretrainArgs()``, ``finetune.api``), so the suite measures whatever those
+defaults are.
 """
 
 from __future__ import annotations
@@ -32,40 +37,59 @@ class Budget:
     """How much work each task does. ``quick`` keeps every code path (CI); ``full`` is the reported run.
 
     Args:
-        max_cells: cells read per dataset (a stratified subsample; None: all).
-        pretrain_minutes: training time of each pretraining run (``pretrain/run.py --max_train_minutes``; the
-            defaults of ``pretrain/run.py`` otherwise). ablation_minutes: the same for each ablation run.
-        knn_cells: cells the zero-shot k-NN scores use per dataset.
-        mlp_epochs, transformer_epochs, min_steps: fine-tuning length (MLP encoder, transformer; the step floor).
-        scvi_epochs, scanvi_epochs, totalvi_epochs: scvi-tools training budgets (epochs over the training cells).
-        vae_epochs: express's VAE heads (MLP encoder).
-        mll_samples: importance samples of the marginal log-likelihood.
+        name: ``quick`` or ``full``.
+        max_cells: each file is first cut to this many random cells (None: all cells).
+        pretrain_steps: optimizer steps of each pretraining run of the default recipe (``--max_steps``: a length
+            in steps, not minutes, so that a busy machine makes a run slower, never a different model).
+            ablation_steps: the same for every ablation run and for the default recipe they are compared with.
+        eval_cells: labelled cells per dataset that the zero-shot and ablation scores read (a seeded subsample).
+        train_cells, test_cells: at most this many training / held-out cells per fine-tuning split (a seeded,
+            stratified subsample shared by every arm; None: all).
+        integration_cells: at most this many cells per dataset in the integration task.
+        transformer_steps: optimizer steps of each transformer fine-tuning run (``max_steps``; None: the
+            library's default length, ``epochs`` with its ``min_steps`` floor); the library's defaults otherwise
+            (batch size, learning rates, validation).
+        mlp_epochs, vae_epochs: epochs of the express MLP-encoder heads and VAE heads (None: the library default).
+        min_steps: the fewest optimizer steps of every express head (None: the library's floor; the quick budget
+            sets 0 so its few epochs stay few).
+        scvi_epochs, scanvi_epochs, totalvi_epochs: ``max_epochs`` of scVI, scANVI and totalVI (their documented
+            defaults otherwise).
+        mll_samples: importance samples of the marginal log-likelihood (express and scVI alike).
         label_fractions: shares of the training labels the cell-type task trains with.
+        tokens: ``TokenizationSpec`` fields of the corpus (None: the tokenizer's defaults); the quick budget
+            tokenizes fewer genes per cell so that every transformer runs on short cells.
     """
 
     name: str
     max_cells: int | None
-    pretrain_minutes: float
-    ablation_minutes: float
-    knn_cells: int
-    mlp_epochs: int
-    transformer_epochs: int
-    min_steps: int
+    pretrain_steps: int
+    ablation_steps: int
+    eval_cells: int
+    train_cells: int | None
+    test_cells: int | None
+    integration_cells: int | None
+    transformer_steps: int | None
+    mlp_epochs: int | None
+    vae_epochs: int | None
     scvi_epochs: int
     scanvi_epochs: int
     totalvi_epochs: int
-    vae_epochs: int
     mll_samples: int
     label_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
+    tokens: dict | None = None
+    min_steps: int | None = None
 
 
 BUDGETS = {
-    "quick": Budget("quick", max_cells=400, pretrain_minutes=0.25, ablation_minutes=0.15, knn_cells=300,
-                    mlp_epochs=3, transformer_epochs=1, min_steps=10, scvi_epochs=3, scanvi_epochs=2,
-                    totalvi_epochs=5, vae_epochs=3, mll_samples=5, label_fractions=(0.25, 1.0)),
-    "full": Budget("full", max_cells=None, pretrain_minutes=20.0, ablation_minutes=8.0, knn_cells=2000,
-                   mlp_epochs=20, transformer_epochs=10, min_steps=600, scvi_epochs=100, scanvi_epochs=20,
-                   totalvi_epochs=200, vae_epochs=100, mll_samples=100),
+    "quick": Budget("quick", max_cells=200, pretrain_steps=3, ablation_steps=2, eval_cells=100,
+                    train_cells=100, test_cells=50, integration_cells=120, transformer_steps=2, mlp_epochs=2,
+                    vae_epochs=2, scvi_epochs=2, scanvi_epochs=1, totalvi_epochs=2, mll_samples=4,
+                    label_fractions=(0.5, 1.0), tokens={"top_k": 32, "n_zeros": 8}, min_steps=0),
+    # about two hours with --jobs 2 on a quiet 2-core CPU (see the README's benchmark section for the breakdown)
+    "full": Budget("full", max_cells=None, pretrain_steps=800, ablation_steps=150, eval_cells=800,
+                   train_cells=1000, test_cells=1000, integration_cells=2000, transformer_steps=None,
+                   mlp_epochs=None, vae_epochs=None, scvi_epochs=100, scanvi_epochs=20, totalvi_epochs=100,
+                   mll_samples=100),
 }
 
 
@@ -80,10 +104,9 @@ class Bench:
     seeds: list[int]
     selected: list[str] = field(default_factory=list)
     corpus: Any = None  # finetune.benchmark.corpus.BenchmarkCorpus, built before the units run
-    notes: list[str] = field(default_factory=list)
 
     def model_dir(self, name: str, seed: int) -> Path:
-        """Folder of the pretrained model ``name`` ("default" or an ablation) for ``seed``."""
+        """Folder of the pretrained model ``name`` ("default", "random" or an ablation variant) for ``seed``."""
         return self.out / "models" / name / f"seed{seed}" / "final"
 
     def figure(self, name: str) -> Path:
@@ -107,58 +130,104 @@ class Unit:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Running units
+# The task registry
 # ---------------------------------------------------------------------------------------------------------------------
-_TASKS: dict[str, tuple[Callable[[Bench, str, int], dict], Callable[[Bench], list[str]]]] = {}
+@dataclass(frozen=True)
+class Task:
+    """A registered task: ``fn(bench, dataset, seed) -> {setting: {arm: {metric: value}}}`` run on each of
+    ``datasets(bench)``; ``primary``: the metric its verdicts compare, or ``{setting: metric}`` (default: the
+    first one an arm reports);
+    ``needs_models``: whether it reads the pretrained models (so pretraining runs first)."""
+
+    name: str
+    fn: Callable[[Bench, str, int], dict]
+    datasets: Callable[[Bench], list[str]]
+    primary: str | dict[str, str] | None = None
+    needs_models: bool = True
+    description: str = ""
 
 
-def register(name: str, datasets: Callable[[Bench], list[str]]):
-    """Declare a task: ``fn(bench, dataset, seed) -> {setting: {arm: {metric: value}}}`` run on ``datasets(bench)``."""
+_TASKS: dict[str, Task] = {}
+_NOTES: list[str] = []
+
+
+def register(name: str, datasets: Callable[[Bench], list[str]], *, primary: str | dict[str, str] | None = None,
+             needs_models: bool = True, description: str = ""):
+    """Declare a task (a decorator): ``fn(bench, dataset, seed) -> {setting: {arm: {metric: value}}}``."""
     def wrap(fn):
-        _TASKS[name] = (fn, datasets)
+        _TASKS[name] = Task(name, fn, datasets, primary, needs_models, description or (fn.__doc__ or "").strip())
         return fn
     return wrap
 
 
-def tasks() -> dict[str, tuple[Callable, Callable]]:
-    from . import (  # noqa: F401
-        ablations,
-        celltypes,
-        integration,
-        pretraining,
-        probabilistic,
-        proteins,
-        stimulation,
-        zeroshot,
-    )
+def note(text: str) -> None:
+    """Record a remark about the running unit (an arm skipped, a budget cut); the report lists them."""
+    if text not in _NOTES:
+        _NOTES.append(text)
 
+
+TASK_ORDER = ("zeroshot", "celltypes", "integration", "proteins", "probabilistic", "stimulation", "ablations")
+OPTIONAL_TASKS = ("stimulation",)  # written separately; the run notes its absence instead of failing
+
+
+def tasks() -> dict[str, Task]:
+    """Every task module imported (they register themselves); a missing optional one is left out."""
+    import importlib
+
+    for module in ("pretraining", "zeroshot", "celltypes", "integration", "proteins", "probabilistic", "ablations",
+                   *OPTIONAL_TASKS):
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as err:
+            if module not in OPTIONAL_TASKS or err.name != f"{__package__}.{module}":
+                raise
     return _TASKS
 
 
-def _limit_threads(threads: int) -> None:
+# ---------------------------------------------------------------------------------------------------------------------
+# Running units
+# ---------------------------------------------------------------------------------------------------------------------
+def _limit_threads(threads: int, cache: Path | None = None) -> None:
+    """One thread for torch, BLAS, numba and XLA; with ``cache``, jax keeps its compiled kernels there (the
+    scib-metrics kernels are compiled once per shape, not once per unit)."""
+    if cache is not None:
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache / "jax"))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the training loops inside units
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     torch.set_num_threads(threads)
 
 
+def budget_record(bench: Bench) -> dict:
+    """What a unit's result depends on besides its task, dataset and seed: a cached result with another record
+    is recomputed."""
+    corpus = {k: str(v) for k, v in bench.corpus.files.items()} if bench.corpus is not None else None
+    return json.loads(json.dumps({"budget": dataclasses.asdict(bench.budget), "corpus": corpus}))
+
+
 def run_unit(bench: Bench, unit: Unit, threads: int = 1) -> dict:
     """Run one unit (in this process) and write its result; failures are recorded, not raised, so one broken arm
     does not lose a two-hour run (the report lists them)."""
-    _limit_threads(threads)
+    _limit_threads(threads, cache=bench.out / "cache")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
     from accelerate.utils import set_seed
 
-    fn = tasks()[unit.task][0]
+    task = tasks()[unit.task]
     set_seed(unit.seed)
+    _NOTES.clear()
     start = time.perf_counter()
     try:
-        result = {"results": fn(bench, unit.dataset, unit.seed)}
+        result = {"results": task.fn(bench, unit.dataset, unit.seed)}
     except Exception as err:  # noqa: BLE001 -- recorded in the report with its traceback
         logger.error("%s failed: %s", unit.key, err)
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    result.update(unit=dataclasses.asdict(unit), seconds=time.perf_counter() - start)
+    result.update(unit=dataclasses.asdict(unit), seconds=time.perf_counter() - start, notes=list(_NOTES),
+                  record=budget_record(bench))
     path = unit.path(bench.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -168,61 +237,84 @@ def run_unit(bench: Bench, unit: Unit, threads: int = 1) -> dict:
 
 
 def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def run_units(bench: Bench, units: list[Unit], *, jobs: int = 1, rerun: bool = False,
+def _done(bench: Bench, unit: Unit) -> bool:
+    path = unit.path(bench.out)
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    return "error" not in saved and saved.get("record") == budget_record(bench)
+
+
+def run_units(bench: Bench, phases: list[list[Unit]], *, jobs: int = 1, rerun: bool = False,
               progress: bool = True) -> dict[str, dict]:
-    """Run the units not already done (all with ``rerun``), ``jobs`` at a time; returns every unit's result."""
+    """Run the units not already done (all with ``rerun``; failed ones again), ``jobs`` at a time, one phase
+    after the other (a phase starts when the one before has finished); returns every unit's result."""
     from tqdm.auto import tqdm
 
-    todo = [u for u in units if rerun or not u.path(bench.out).is_file()]
-    if todo:
-        bar = tqdm(total=len(todo), desc="benchmark units", disable=not progress, dynamic_ncols=True)
-        if jobs <= 1 or len(todo) == 1:
-            for unit in todo:
-                bar.set_postfix_str(unit.key)
-                run_unit(bench, unit)
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+    todo = [[u for u in phase if rerun or not _done(bench, u)] for phase in phases]
+    count = sum(len(phase) for phase in todo)
+    if count:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            # spawn: a fresh interpreter per worker (no inherited torch threads or forked locks)
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(run_unit, bench, unit): unit for unit in todo}
+        bar = tqdm(total=count, desc="benchmark units", disable=not progress, dynamic_ncols=True)
+        # worker processes even for one job: spawned interpreters whose thread settings are made before torch,
+        # numba or jax start, kept for every phase; the longest units first, so the last minutes are not one
+        # long unit running alone
+        with ProcessPoolExecutor(max_workers=min(jobs, count), mp_context=mp.get_context("spawn")) as pool:
+            for phase in todo:
+                chains = [[u] for u in phase if u.task not in ONE_WORKER]
+                chains += [c for c in ([u for u in phase if u.task == t] for t in ONE_WORKER) if c]
+                chains.sort(key=lambda c: sum(UNIT_WEIGHT.get(u.task, 1.0) for u in c), reverse=True)
+                futures = {pool.submit(run_chain, bench, chain): chain for chain in chains}
                 for future in as_completed(futures):
                     future.result()
-                    bar.set_postfix_str(futures[future].key)
-                    bar.update(1)
+                    bar.set_postfix_str(futures[future][-1].key)
+                    bar.update(len(futures[future]))
         bar.close()
-    return {u.key: json.loads(u.path(bench.out).read_text()) for u in units}
+    return {u.key: json.loads(u.path(bench.out).read_text()) for phase in phases for u in phase}
+
+
+def run_chain(bench: Bench, units: list[Unit]) -> list[dict]:
+    """Run ``units`` one after the other in this process (see :data:`ONE_WORKER`)."""
+    return [run_unit(bench, unit) for unit in units]
+
+
+# tasks whose units run one after the other in a single worker: scib-metrics' kBET and UMAP compile numba kernels
+# that cannot be cached on disk, about a minute per process
+ONE_WORKER = ("integration",)
+# rough relative cost of a task's units (longest first keeps both workers busy to the end)
+UNIT_WEIGHT = {"pretraining": 10.0, "celltypes": 5.0, "ablations": 3.0, "proteins": 2.0, "integration": 2.0,
+               "probabilistic": 1.5, "zeroshot": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole run
 # ---------------------------------------------------------------------------------------------------------------------
-TASK_ORDER = ("zeroshot", "celltypes", "integration", "proteins", "probabilistic", "stimulation", "ablations")
-
-
 def plan(bench: Bench) -> tuple[list[Unit], list[Unit]]:
-    """The pretraining units the selected tasks need (the default recipe per seed, and each ablation's variant),
-    and the selected tasks' units."""
+    """The pretraining units the selected tasks need (the default recipe per seed, and with ``ablations`` each
+    variant's), and the selected tasks' units."""
     registry = tasks()
-    units = [Unit(t, d, s) for t in bench.selected for d in registry[t][1](bench) for s in bench.seeds]
-    needs_models = any(t in ("zeroshot", "celltypes", "integration", "proteins", "ablations") for t in bench.selected)
-    pretrain = [Unit("pretraining", v, s) for v in registry["pretraining"][1](bench) for s in bench.seeds]
+    selected = [t for t in bench.selected if t in registry]
+    units = [Unit(t, d, s) for t in selected for d in registry[t].datasets(bench) for s in bench.seeds]
+    needs_models = any(registry[t].needs_models for t in selected)
+    pretrain = [Unit("pretraining", v, s) for v in registry["pretraining"].datasets(bench) for s in bench.seeds]
     return (pretrain if needs_models else []), units
 
 
 def run_benchmark(out: Path, *, budget: str = "full", selected: list[str] | None = None,
                   extra: list[BenchmarkData] | None = None, seeds: list[int] | None = None, jobs: int = 2,
-                  rerun: bool = False, data_dir: Path | None = None, progress: bool = True) -> dict:
-    """Build the corpus, run the units, write ``OUT/report.md``, ``OUT/results.json`` and ``OUT/figures/``."""
+                  rerun: bool = False, data_dir: Path | None = None, progress: bool = True,
+                  command: str | None = None) -> dict:
+    """Build the corpus, run the units, write ``OUT/report.md``, ``OUT/results.json`` and ``OUT/figures/``;
+    returns the results (what ``results.json`` holds)."""
     from .corpus import build_corpus
     from .report import write_report
 
@@ -230,6 +322,9 @@ def run_benchmark(out: Path, *, budget: str = "full", selected: list[str] | None
     unknown = sorted(set(selected) - set(TASK_ORDER))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASK_ORDER)}")
+    seeds = list(seeds if seeds is not None else (0, 1, 2))
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datasets = dict(DATASETS)
@@ -238,15 +333,15 @@ def run_benchmark(out: Path, *, budget: str = "full", selected: list[str] | None
             raise ValueError(f"--data {data.file}: the name {data.name!r} is already a benchmark dataset")
         datasets[data.name] = data
     bench = Bench(out=out, budget=BUDGETS[budget], datasets=datasets, data_dir=Path(data_dir or shared_data_dir()),
-                  seeds=list(seeds if seeds is not None else (0, 1, 2)), selected=selected)
+                  seeds=seeds, selected=selected)
     start = time.perf_counter()
     from tokenizer import TokenizationSpec
 
-    bench.corpus = build_corpus(datasets, bench.data_dir, out / "corpus", spec=TokenizationSpec(),
-                                max_cells=bench.budget.max_cells)
+    bench.corpus = build_corpus(datasets, bench.data_dir, out / "corpus",
+                                spec=TokenizationSpec(**(bench.budget.tokens or {})), max_cells=bench.budget.max_cells)
     first, rest = plan(bench)
-    # pretraining units share the two cores the same way (one thread each, `jobs` at once)
-    results = run_units(bench, first, jobs=jobs, rerun=rerun, progress=progress)
-    results.update(run_units(bench, rest, jobs=jobs, rerun=rerun, progress=progress))
-    report = write_report(bench, results, selected, seconds=time.perf_counter() - start)
-    return report
+    cached = sum(not rerun and _done(bench, u) for u in first + rest)
+    results = run_units(bench, [first, rest], jobs=jobs, rerun=rerun, progress=progress)
+    missing = [t for t in selected if t not in tasks()]
+    return write_report(bench, results, selected, seconds=time.perf_counter() - start, jobs=jobs,
+                        missing_tasks=missing, command=command, cached_units=cached)

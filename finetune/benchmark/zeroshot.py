@@ -11,8 +11,7 @@ sampled zeros left out) and both concatenated, from one forward pass. Baselines 
 
 Each embedding is scored raw, z-scored (per dimension) and cosine-normalised (:func:`knn_scores`: out-of-fold k-NN
 accuracy and macro-F1, stratified folds). Diagnostics: the norms of the per-gene and per-group embedding rows and of
-their projected contributions (:func:`embedding_norms`), and the MCV negative log-likelihood of a per-dataset mean
-profile next to the model's on the same held-out splits (:func:`mcv_reference`).
+their projected contributions (:func:`embedding_norms`).
 """
 
 from __future__ import annotations
@@ -163,95 +162,79 @@ def embedding_norms(model) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def mcv_reference(model, loader, corpus) -> dict[str, dict[str, float]]:
-    """Per dataset, the MCV NLL (nats per held-out count) of the model and of that dataset's mean profile (the
-    training cells' pooled counts, with the model's dispersions) on the same held-out splits: how much of the model's
-    gain is only telling datasets apart."""
-    n_special = corpus.vocab.n_special
-    profiles = []
-    for part, rows in zip(corpus.parts, corpus.train.rows):
-        table = part.dataset.data.table.select(["counts_ids", "counts"]).take(rows)
-        ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in table["counts_ids"].to_pylist()])
-        counts = np.concatenate([np.asarray(x, dtype=np.float64) for x in table["counts"].to_pylist()])
-        total = np.bincount(ids, weights=counts, minlength=corpus.vocab.vocab_size) + 0.5
-        total[:n_special] = 0
-        profiles.append(torch.from_numpy(np.log(total / total.sum())).float())
-    sums: dict[str, np.ndarray] = {}
-    model.eval()
-    for batch in loader:
-        index = batch.pop("dataset_index").tolist()
-        out = model(**batch)
-        theta = out.mcv_theta
-        reference_logits = torch.stack([profiles[i] for i in index])
-        nll, held = model.mcv_cell_nll(out.mcv_logits, theta, batch["mcv_counts"], batch.get("mcv_library_size"))
-        ref = reference_logits.clone()
-        ref[:, :n_special] = -torch.inf
-        ref_nll, _ = model.mcv_cell_nll(ref, theta, batch["mcv_counts"], batch.get("mcv_library_size"))
-        for i, part in enumerate(index):
-            name = corpus.parts[part].name
-            acc = sums.setdefault(name, np.zeros(3))
-            acc += [float(nll[i]), float(ref_nll[i]), float(held[i])]
-    return {name: {"model": float(a[0] / max(a[2], 1)), "mean_profile": float(a[1] / max(a[2], 1))}
-            for name, a in sums.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The zero-shot task
 # ---------------------------------------------------------------------------------------------------------------------
-from .suite import register  # noqa: E402 -- the task registry (suite imports this module lazily)
+from .suite import note, register  # noqa: E402 -- the task registry (suite imports this module lazily)
 
 
 def labelled_datasets(bench) -> list[str]:
+    """Datasets with cell-type labels (the stimulation file's labels cover only its control cells: left out)."""
     return [n for n, d in bench.datasets.items() if d.label_key is not None and d.name != "kang_stim"]
 
 
 def eval_cells(bench, name: str, seed: int) -> tuple[TokenizedCells, np.ndarray, np.ndarray]:
-    """The tokenized cells of ``name`` the k-NN scores use: labelled ones, subsampled to the budget (seeded)."""
+    """The tokenized cells of ``name`` the zero-shot scores read: labelled ones, subsampled to the budget's
+    ``eval_cells`` (seeded)."""
+    import pandas as pd
+
     from .common import subsample
 
     cells = TokenizedCells.load(bench.corpus.complete[name])
     data = bench.datasets[name]
-    import pandas as pd
-
     labels = np.asarray(cells.dataset[data.label_key], dtype=object).astype(str)
     keep = np.flatnonzero(data.labelled(pd.DataFrame({data.label_key: labels})))
-    keep = keep[subsample(len(keep), bench.budget.knn_cells, seed)]
+    keep = keep[subsample(len(keep), bench.budget.eval_cells, seed)]
     return cells, keep, labels[keep]
 
 
-@register("zeroshot", lambda bench: labelled_datasets(bench))
-def zeroshot_task(bench, name: str, seed: int) -> dict:
-    """Frozen embeddings of ``name``'s labelled cells: express pretrained / at random weights (the model's own
-    pooling; the other poolings as diagnostics), PCA, the bag of genes, the group histogram, and scVI's latent."""
+def eval_adata(bench, name: str, cells: TokenizedCells, rows: np.ndarray):
+    """The raw-count cells of ``rows`` (in that order) from the dataset's file."""
     import anndata as ad
 
+    adata = ad.read_h5ad(bench.corpus.files[name])
+    ids = np.asarray(cells.dataset.select(rows.tolist())["cell_id"], dtype=object)
+    index = adata.obs_names.get_indexer(ids)
+    if (index < 0).any():
+        raise ValueError(f"{name}: {int((index < 0).sum())} tokenized cells are not in {bench.corpus.files[name]}")
+    return adata[index].copy()
+
+
+def express_embedding(model_path, cells: TokenizedCells, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+    """A pretrained model's cell embedding (its own ``classifier_pooling``) and every pooling's embedding."""
     from modeling import ExpressForMaskedModeling
 
+    model = ExpressForMaskedModeling.from_pretrained(model_path)
+    pooled = model_embeddings(model, cells, rows)
+    return pooled[model.config.classifier_pooling], pooled
+
+
+@register("zeroshot", labelled_datasets, primary="macro_f1",
+          description="frozen embeddings of labelled cells, no fine-tuning: 5-fold k-NN (k=15) accuracy and "
+                      "macro-F1, label silhouette, NMI/ARI of k-means clusters")
+def zeroshot_task(bench, name: str, seed: int) -> dict:
+    """Frozen embeddings of ``name``'s labelled cells: express pretrained / at random weights (the model's own
+    pooling; every pooling as diagnostics), PCA, the bag of genes, the group histogram, and scVI's latent."""
     from . import scvi_arms
     from .common import model_dir
 
     cells, rows, labels = eval_cells(bench, name, seed)
-    adata = ad.read_h5ad(bench.corpus.files[name])
-    ids = np.asarray(cells.dataset.select(rows.tolist())["cell_id"], dtype=object)
-    adata = adata[adata.obs_names.get_indexer(ids)].copy()
+    adata = eval_adata(bench, name, cells, rows)
     features = {"pca": pca_features(adata, seed=seed), "bag_of_genes": bag_of_genes(cells, rows, seed=seed),
                 "group_histogram": group_histogram(cells, rows)}
     diagnostics = {}
     for arm, variant in (("express_pretrained", "default"), ("express_random_init", "random")):
-        model = ExpressForMaskedModeling.from_pretrained(model_dir(bench, seed, variant))
-        pooled = model_embeddings(model, cells, rows)
-        features[arm] = pooled[model.config.classifier_pooling]
+        features[arm], pooled = express_embedding(model_dir(bench, seed, variant), cells, rows)
         for pooling, emb in pooled.items():
-            diagnostics[f"{arm}_{pooling}"] = score_embedding(emb, labels, seed=seed, full=False)
+            diagnostics[f"{arm}_{pooling}"] = _flat(score_embedding(emb, labels, seed=seed, full=False))
     if scvi_arms.missing() is None:
         data = bench.datasets[name]
         features["scvi"] = scvi_arms.scvi_latent(adata, batch_key=data.batch_key, epochs=bench.budget.scvi_epochs,
                                                  seed=seed)
     else:
-        bench.notes.append(f"scvi-tools arms skipped: {scvi_arms.missing()}")
+        note(f"scvi-tools arms skipped: {scvi_arms.missing()}")
     scores = {arm: _flat(score_embedding(x, labels, seed=seed)) for arm, x in features.items()}
-    return {"zeroshot": scores, "zeroshot_poolings": {k: _flat(v) for k, v in diagnostics.items()}}
+    return {"embeddings": scores, "poolings (diagnostic)": diagnostics}
 
 
 def _flat(score: dict) -> dict[str, float]:
