@@ -38,6 +38,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (report.md, results.json, figures/, units/, models/, corpus/)")
     p.add_argument("--quick", action="store_true", help="the quick budget: every code path, tiny training")
     p.add_argument("--tasks", nargs="+", choices=TASK_ORDER, default=None, help="default: all")
+    p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                   help="run the tasks on these datasets only (e.g. kang cite); default: every dataset")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: write the report from the units already finished in OUT (lists the rest)")
     p.add_argument("--data", action="append", default=[], metavar="FILE[:KEYS]",
                    help="another raw-count h5ad and its obs keys (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="at least 3 for reported numbers")
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                   else sys.argv[1:]))
     results = run_benchmark(Path(args.out), budget="quick" if args.quick else "full", selected=args.tasks,
                             extra=extra, seeds=args.seeds, jobs=args.jobs, rerun=args.rerun,
-                            data_dir=Path(args.data_dir) if args.data_dir else None, command=command)
+                            data_dir=Path(args.data_dir) if args.data_dir else None, command=command,
+                            only=args.datasets, report_only=args.report_only)
     print(f"report: {Path(args.out) / 'report.md'}")
     if results["failures"]:
         print(f"{len(results['failures'])} unit(s) failed: " + ", ".join(results["failures"]), file=sys.stderr)

@@ -142,3 +142,23 @@ def test_a_second_run_reuses_every_finished_unit(quick_run):
     assert time.perf_counter() - start < first_seconds / 4
     assert {p: p.stat().st_mtime_ns for p in units} == stamps  # nothing recomputed
     assert json.dumps(again["tasks"]) == json.dumps(results["tasks"])
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_report_only_runs_nothing_and_names_what_is_missing(quick_run, tmp_path):
+    """``--report_only --datasets kang``: the report holds kang's finished units only, a missing unit is named, not
+    run."""
+    import shutil
+
+    out, results, _, data_dir = quick_run
+    copy = tmp_path / "bench"
+    shutil.copytree(out, copy)
+    (copy / "units" / "zeroshot" / "kang" / "seed2.json").unlink()
+    partial = benchmark.main(["--out", str(copy), "--quick", "--report_only", "--tasks", "zeroshot", "--datasets",
+                              "kang", "--data_dir", str(data_dir)])
+    assert not (copy / "units" / "zeroshot" / "kang" / "seed2.json").exists()  # nothing was run
+    assert set(partial["tasks"]["zeroshot"]) == {"kang"}
+    assert partial["tasks"]["zeroshot"]["kang"]["embeddings"]["pca"]["macro_f1"]["n"] == 2
+    assert "report only: 1 planned unit(s) not run and not in this report: zeroshot/kang/seed2" in \
+        (copy / "report.md").read_text()

@@ -20,7 +20,7 @@ from finetune.benchmark.suite import BUDGETS, Bench
 
 def test_every_pretraining_variant_is_a_pretrain_args_override_of_the_defaults(tmp_path):
     """Each variant sets existing PretrainArgs fields (model_config: existing ExpressConfig fields) to a value other
-    than the default, and builds valid arguments with the time budget as the only other change."""
+    than the default, and builds valid arguments with the step budget as the only other change."""
     from modeling import ExpressConfig
     from pretrain.run import PretrainArgs
 
@@ -178,3 +178,23 @@ def test_the_readme_states_the_full_budget_that_suite_runs():
     assert f"pretrains the default model for {full.pretrain_steps} steps" in text
     assert f"each ablation for {full.ablation_steps} steps" in text
     assert f"caps each split at {full.train_cells:,} training and {full.test_cells:,} held-out cells" in text
+
+
+def test_datasets_option_keeps_only_those_datasets_units(tmp_path):
+    from finetune.benchmark.suite import plan
+
+    corpus = type("Corpus", (), {"pretraining": [tmp_path / "tokens"]})()
+    bench = Bench(out=tmp_path, budget=BUDGETS["full"], datasets=dict(DATASETS), data_dir=tmp_path, seeds=[0, 1],
+                  selected=["zeroshot", "celltypes"], corpus=corpus, only=["kang"])
+    first, rest = plan(bench)
+    assert [(u.task, u.dataset, u.seed) for u in first] == [("pretraining", "default", 0), ("pretraining", "default", 1)]
+    assert sorted((u.task, u.dataset, u.seed) for u in rest) == [
+        ("celltypes", "kang", 0), ("celltypes", "kang", 1), ("zeroshot", "kang", 0), ("zeroshot", "kang", 1)]
+    bench.only = None
+    assert {u.dataset for u in plan(bench)[1]} == {"kang", "cellbench", "cite", "pbmc68k"}
+    from conftest import load_script
+
+    parse = load_script("benchmark").parse
+    assert parse(["--out", str(tmp_path), "--datasets", "kang", "cite"]).datasets == ["kang", "cite"]
+    with pytest.raises(SystemExit):
+        parse(["--out", str(tmp_path), "--datasets"])  # the option needs at least one name

@@ -228,12 +228,14 @@ def test_default_data_run_uses_the_tokenizers_encoding_for_mcv(tmp_path):
         assert row["input_ids"][detected].tolist() == again.input_ids.tolist()
         np.testing.assert_array_equal(row["values"][detected], again.values)
         assert set(row["input_ids"][~detected].tolist()) <= set(spec.zero_candidates(row["source"]).tolist())
-    # how the corpus was tokenized travels with the model, for fine-tuning to tokenize new cells alike: the same
-    # JSON as the dataset's manifest holds
+    # how the corpus was tokenized travels with the model, for fine-tuning to tokenize new cells alike: the dataset
+    # manifest's JSON, cut to the genes and zeros the model was trained on (the defaults: at most 128 and 25)
     from tokenizer import TokenizationSpec
 
     saved = json.loads((out / "final" / "tokenization.json").read_text())
-    assert saved == manifest["tokenization"] and TokenizationSpec.load(out / "final").top_k == 256
+    assert manifest["tokenization"]["top_k"] == 256 and manifest["tokenization"]["n_zeros"] == 50
+    assert saved == {**manifest["tokenization"], "top_k": 128, "n_zeros": 25}
+    assert TokenizationSpec.load(out / "final").top_k == PretrainArgs().top_k == 128
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):

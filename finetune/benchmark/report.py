@@ -399,8 +399,10 @@ def bar_figure(task: str, datasets: dict, primary: str | None, path: Path) -> Pa
 # The report
 # ---------------------------------------------------------------------------------------------------------------------
 def write_report(bench, units: dict[str, dict], selected: list[str], *, seconds: float, jobs: int = 1,
-                 missing_tasks: list[str] | None = None, command: str | None = None, cached_units: int = 0) -> dict:
-    """Write ``OUT/results.json``, ``OUT/report.md`` and the figures; returns the results."""
+                 missing_tasks: list[str] | None = None, command: str | None = None, cached_units: int = 0,
+                 not_run: list[str] | None = None) -> dict:
+    """Write ``OUT/results.json``, ``OUT/report.md`` and the figures; returns the results. ``not_run``: planned
+    units left out of a report-only run (named in the notes)."""
     from .suite import tasks
 
     registry = tasks()
@@ -417,6 +419,9 @@ def write_report(bench, units: dict[str, dict], selected: list[str], *, seconds:
         notes.append(f"only {len(bench.seeds)} seed(s): reported numbers need at least 3 (the spreads say little)")
     for task in missing_tasks or []:
         notes.append(f"task {task} is not available (its module is missing): not run")
+    if not_run:
+        notes.append(f"report only: {len(not_run)} planned unit(s) not run and not in this report: "
+                     + ", ".join(not_run))
     failures = {key: r["error"] for key, r in units.items() if "error" in r}
     unit_seconds: dict[str, list] = {}
     for result in units.values():

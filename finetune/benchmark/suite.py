@@ -103,6 +103,7 @@ class Bench:
     data_dir: Path
     seeds: list[int]
     selected: list[str] = field(default_factory=list)
+    only: list[str] | None = None  # run the tasks on these datasets only (None: every dataset a task reads)
     corpus: Any = None  # finetune.benchmark.corpus.BenchmarkCorpus, built before the units run
 
     def model_dir(self, name: str, seed: int) -> Path:
@@ -303,7 +304,8 @@ def plan(bench: Bench) -> tuple[list[Unit], list[Unit]]:
     variant's), and the selected tasks' units."""
     registry = tasks()
     selected = [t for t in bench.selected if t in registry]
-    units = [Unit(t, d, s) for t in selected for d in registry[t].datasets(bench) for s in bench.seeds]
+    units = [Unit(t, d, s) for t in selected for d in registry[t].datasets(bench) for s in bench.seeds
+             if bench.only is None or d in bench.only]
     needs_models = any(registry[t].needs_models for t in selected)
     pretrain = [Unit("pretraining", v, s) for v in registry["pretraining"].datasets(bench) for s in bench.seeds]
     return (pretrain if needs_models else []), units
@@ -312,9 +314,10 @@ def plan(bench: Bench) -> tuple[list[Unit], list[Unit]]:
 def run_benchmark(out: Path, *, budget: str = "full", selected: list[str] | None = None,
                   extra: list[BenchmarkData] | None = None, seeds: list[int] | None = None, jobs: int = 2,
                   rerun: bool = False, data_dir: Path | None = None, progress: bool = True,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, only: list[str] | None = None, report_only: bool = False) -> dict:
     """Build the corpus, run the units, write ``OUT/report.md``, ``OUT/results.json`` and ``OUT/figures/``;
-    returns the results (what ``results.json`` holds)."""
+    returns the results (what ``results.json`` holds). ``report_only``: run nothing, report the units already
+    finished (the report lists the planned units that are not)."""
     from .corpus import build_corpus
     from .report import write_report
 
@@ -332,16 +335,22 @@ def run_benchmark(out: Path, *, budget: str = "full", selected: list[str] | None
         if data.name in datasets:
             raise ValueError(f"--data {data.file}: the name {data.name!r} is already a benchmark dataset")
         datasets[data.name] = data
+    if only is not None and set(only) - set(datasets):
+        raise ValueError(f"unknown dataset(s) {sorted(set(only) - set(datasets))}; datasets: {', '.join(datasets)}")
     bench = Bench(out=out, budget=BUDGETS[budget], datasets=datasets, data_dir=Path(data_dir or shared_data_dir()),
-                  seeds=seeds, selected=selected)
+                  seeds=seeds, selected=selected, only=only)
     start = time.perf_counter()
     from tokenizer import TokenizationSpec
 
     bench.corpus = build_corpus(datasets, bench.data_dir, out / "corpus",
                                 spec=TokenizationSpec(**(bench.budget.tokens or {})), max_cells=bench.budget.max_cells)
     first, rest = plan(bench)
+    not_run = []
+    if report_only:
+        not_run = [u.key for u in first + rest if not _done(bench, u)]
+        first, rest = ([u for u in phase if _done(bench, u)] for phase in (first, rest))
     cached = sum(not rerun and _done(bench, u) for u in first + rest)
-    results = run_units(bench, [first, rest], jobs=jobs, rerun=rerun, progress=progress)
+    results = run_units(bench, [first, rest], jobs=jobs, rerun=rerun and not report_only, progress=progress)
     missing = [t for t in selected if t not in tasks()]
     return write_report(bench, results, selected, seconds=time.perf_counter() - start, jobs=jobs,
-                        missing_tasks=missing, command=command, cached_units=cached)
+                        missing_tasks=missing, command=command, cached_units=cached, not_run=not_run)
