@@ -272,23 +272,34 @@ def load_corpus(paths: Sequence[str | os.PathLike], *, labels: tuple[str, str] |
     return corpus
 
 
-def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, max_cells: int = 20_000, seed: int = 0
-                           ) -> np.ndarray:
-    """Token ids of ``n_top_genes`` highly variable genes of the corpus, from the kept counts of (up to
-    ``max_cells``) training cells. Each dataset ranks its genes by Seurat's normalised dispersion of log-normalised
-    counts (scanpy), and the datasets take turns adding their next-ranked gene, so a small dataset (another tissue,
-    another protocol) gets as many genes as a large one rather than being outvoted. Returned sorted."""
-    import anndata as ad
-    import scanpy as sc
-    import scipy.sparse as sp
-
+def counted_training_cells(corpus: Corpus, *, max_cells: int = 20_000, seed: int = 0, purpose: str = "this"
+                           ) -> list[dict]:
+    """The rows of (a seeded sample of up to ``max_cells``) training cells, each with its kept counts: what the
+    corpus statistics of :func:`highly_variable_tokens` and :func:`mean_profiles` are computed from (read once and
+    passed to both)."""
     train = corpus.train
     rows = np.arange(len(train))
     if len(rows) > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
     items = train.__getitems__(rows.tolist())
     if not all("counts_ids" in item for item in items):
-        raise DatasetFormatError("highly variable genes are found from the kept counts: tokenize with --keep_counts")
+        raise DatasetFormatError(f"{purpose} is computed from the kept counts: tokenize with --keep_counts")
+    return items
+
+
+def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, items: list[dict] | None = None,
+                           max_cells: int = 20_000, seed: int = 0) -> np.ndarray:
+    """Token ids of ``n_top_genes`` highly variable genes of the corpus, from the kept counts of (up to
+    ``max_cells``) training cells. Each dataset ranks its genes by Seurat's normalised dispersion of log-normalised
+    counts (scanpy), and the datasets take turns adding their next-ranked gene, so a small dataset (another tissue,
+    another protocol) gets as many genes as a large one rather than being outvoted. Returned sorted. ``items``: the
+    cells to use (:func:`counted_training_cells`; read here when not given)."""
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    if items is None:
+        items = counted_training_cells(corpus, max_cells=max_cells, seed=seed, purpose="the highly variable genes")
     n_special = corpus.vocab.n_special
     rankings = []
     for part in sorted({int(item["dataset_index"]) for item in items}):
@@ -317,18 +328,15 @@ def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, max_cells: int =
     return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))) + n_special
 
 
-def mean_profiles(corpus: Corpus, *, max_cells: int = 20_000, seed: int = 0) -> np.ndarray:
+def mean_profiles(corpus: Corpus, *, items: list[dict] | None = None, max_cells: int = 20_000, seed: int = 0
+                  ) -> np.ndarray:
     """``(n_datasets, vocab_size)`` log share of each gene in the pooled kept counts of (up to ``max_cells``) training
     cells of each dataset (+0.5 per gene; special tokens -inf): the MCV reference that knows a cell's dataset and
-    nothing else about it."""
-    train = corpus.train
-    rows = np.arange(len(train))
-    if len(rows) > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
+    nothing else about it. ``items``: the cells to use (:func:`counted_training_cells`; read here when not given)."""
+    if items is None:
+        items = counted_training_cells(corpus, max_cells=max_cells, seed=seed, purpose="the mean profile")
     totals = np.full((len(corpus.parts), corpus.vocab.vocab_size), 0.5)
-    for item in train.__getitems__(rows.tolist()):
-        if "counts_ids" not in item:
-            raise DatasetFormatError("mean profiles are read from the kept counts: tokenize with --keep_counts")
+    for item in items:
         np.add.at(totals[int(item["dataset_index"])], np.asarray(item["counts_ids"], dtype=np.int64),
                   np.asarray(item["counts"], dtype=np.float64))
     totals[:, : corpus.vocab.n_special] = 0.0

@@ -47,7 +47,13 @@ import torch
 
 from pretrain.args import args_to_dict, parse_args
 from pretrain.checkpoints import CheckpointError, verify_checkpoint
-from pretrain.data import LengthGroupedBatchSampler, highly_variable_tokens, load_corpus, mean_profiles
+from pretrain.data import (
+    LengthGroupedBatchSampler,
+    counted_training_cells,
+    highly_variable_tokens,
+    load_corpus,
+    mean_profiles,
+)
 from pretrain.loop import LoopSettings, NonFiniteLossError, train
 from pretrain.objectives import CELL_TYPE_COLUMN, evaluate, make_collator, parse_objectives
 from pretrain.pretraining import (
@@ -268,10 +274,12 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
                          args.gene_selection == "random",
                          labels=(args.label_column, CELL_TYPE_COLUMN) if "celltype" in objectives else None)
     truncate = narrow_specs(corpus, args.top_k, args.n_zeros)
-    output_genes = None
+    output_genes = counted = None
+    if "mcv" in objectives:  # the HVGs MCV scores and the mean profiles evaluation compares with: one read
+        counted = counted_training_cells(corpus, seed=args.seed, purpose="MCV")
     if args.mcv_output_genes and "mcv" in objectives:
         with accelerator.main_process_first():
-            output_genes = highly_variable_tokens(corpus, args.mcv_output_genes, seed=args.seed)
+            output_genes = highly_variable_tokens(corpus, args.mcv_output_genes, items=counted)
         logger.info("MCV scores the %d most variable genes of the corpus", len(output_genes))
     from accelerate.utils import set_seed
 
@@ -318,8 +326,8 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             drop_last=False, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         )
         profiles = None
-        if "mcv" in objectives:  # the diagnostic reference: each dataset's mean profile
-            profiles = torch.as_tensor(mean_profiles(corpus, seed=args.seed), dtype=torch.float32)
+        if counted is not None:  # the diagnostic reference: each dataset's mean profile
+            profiles = torch.as_tensor(mean_profiles(corpus, items=counted), dtype=torch.float32)
         eval_loader = torch.utils.data.DataLoader(
             corpus.eval, batch_sampler=eval_sampler,
             collate_fn=make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed + 1,

@@ -29,6 +29,18 @@ def shared_path(name: str) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one torch thread (no OpenMP contention); a
+    module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared():
     """The :func:`shared_path` helper as a fixture: ``shared("kang2018_pbmc_12261.h5ad")``."""
     return shared_path

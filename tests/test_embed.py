@@ -15,15 +15,9 @@ import torch
 from finetune.embed import cli, embed_cells, load_encoder
 from tokenizer import TokenizationSpec, fit_statistics, tokenize_adata
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_GENES = 48
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy_adata(n_cells: int = 30, seed: int = 0, *, empty_cell: bool = False) -> ad.AnnData:

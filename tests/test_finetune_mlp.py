@@ -14,12 +14,7 @@ from finetune import api
 from finetune.data import split_adata
 from finetune.run import FinetuneArgs, main
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ from finetune.api import TrainSettings, class_weights
 from modeling import ExpressConfig, ExpressForCellClassification
 from modeling.modeling_heads import MLPCellEncoder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_class_weights_balanced_and_sqrt_by_hand():

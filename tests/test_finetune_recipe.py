@@ -12,12 +12,9 @@ from finetune import api
 from finetune.api import TrainSettings
 from finetune.data import collator_for, measured_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TYPES = ["B", "T", "NK", "rare"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def toy_adata(n_cells: int = 160, n_genes: int = 60, seed: int = 0) -> ad.AnnData:

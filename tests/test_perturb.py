@@ -29,19 +29,13 @@ from finetune.perturb import (
 )
 from tokenizer import InputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLS, EOS = 2, 3
 # <cls>, five ranked genes (values descending), two sampled zeros
 IDS = np.array([CLS, 10, 11, 12, 13, 14, 20, 21])
 VALUES = np.array([0, 5.0, 4.0, 3.0, 2.0, 1.0, 0, 0], dtype=np.float32)
 ZERO = np.array([0, 0, 0, 0, 0, 0, 1, 1])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _perturb(token, mode, ids=IDS, values=VALUES, zero=ZERO, quantile=0.25):

@@ -17,17 +17,10 @@ from pretrain.data import VocabularyMismatchError
 from pretrain.run import NonFiniteLossError, PretrainArgs, main
 from test_pretrain_data import make_tokenized_dataset, make_vocab
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, per_device_batch_size=8,
             report_to="none", progress_bar=False, logging_steps=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

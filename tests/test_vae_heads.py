@@ -19,10 +19,7 @@ from modeling.vae import (
     tril_normal_log_prob,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_data(n_cells=6, n_genes=7, n_input=5, seed=0):

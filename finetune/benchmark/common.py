@@ -88,7 +88,7 @@ def express_arms(bench: Bench, seed: int) -> dict[str, dict]:
 
     steps = bench.budget.transformer_steps
     common = {"gene_id_key": GENE_ID_KEY, "seed": seed, **({} if steps is None else {"max_steps": steps}),
-              **_epochs(bench, None)}
+              **_length(bench, None)}
     return {"express_pretrained": {"model": str(model_dir(bench, seed)), **common},
             "express_random_init": {"model": str(model_dir(bench, seed, "random")),
                                     "encoder_lr": TrainSettings().lr, **common}}
@@ -97,14 +97,14 @@ def express_arms(bench: Bench, seed: int) -> dict[str, dict]:
 def mlp_arm(bench: Bench, seed: int) -> dict:
     """The express MLP encoder (the scVI-like encoder under identical heads): the library's defaults, the budget's
     epochs."""
-    return {"encoder": "mlp", "seed": seed, **_epochs(bench, bench.budget.mlp_epochs)}
+    return {"encoder": "mlp", "seed": seed, **_length(bench, bench.budget.mlp_epochs)}
 
 
 def vae_budget(bench: Bench, seed: int) -> dict:
-    return {"seed": seed, **_epochs(bench, bench.budget.vae_epochs)}
+    return {"seed": seed, **_length(bench, bench.budget.vae_epochs)}
 
 
-def _epochs(bench: Bench, epochs: int | None) -> dict:
+def _length(bench: Bench, epochs: int | None) -> dict:
     """The budget's training length for an express head: its epochs and step floor where the budget sets them."""
     floor = bench.budget.min_steps
     return {**({} if epochs is None else {"epochs": epochs}), **({} if floor is None else {"min_steps": floor})}
