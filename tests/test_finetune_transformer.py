@@ -8,9 +8,9 @@ import torch
 from finetune import api
 from finetune.run import FinetuneArgs, main
 from modeling import ExpressConfig, ExpressForMaskedModeling
-from test_finetune_mlp import _one_thread, _poisson_null, cite, cite_path  # noqa: F401  (shared fixtures)
+from test_finetune_mlp import _poisson_null, cite, cite_path  # noqa: F401  (shared fixtures)
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
