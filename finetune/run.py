@@ -92,7 +92,8 @@ class FinetuneArgs:
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     batch_size: int = field(default=64, metadata={"help": "cells per step"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the heads (and MLP encoder)"})
-    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default: --lr)"})
+    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default: --lr / 3 for a "
+                                                                          "pretrained encoder, else --lr)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
     class_weighting: Literal["none", "balanced", "sqrt", "auto"] = field(default="balanced", metadata={

@@ -178,6 +178,8 @@ def test_the_readme_states_the_full_budget_that_suite_runs():
     assert f"pretrains the default model for {full.pretrain_steps} steps" in text
     assert f"each ablation for {full.ablation_steps} steps" in text
     assert f"caps each split at {full.train_cells:,} training and {full.test_cells:,} held-out cells" in text
+    assert f"fine-tunes the transformer for {full.transformer_steps} optimizer steps" in text
+    assert "the stimulation task on its three largest held-out types" in text and full.stimulation_types == 3
 
 
 def test_datasets_option_keeps_only_those_datasets_units(tmp_path):
@@ -198,3 +200,33 @@ def test_datasets_option_keeps_only_those_datasets_units(tmp_path):
     assert parse(["--out", str(tmp_path), "--datasets", "kang", "cite"]).datasets == ["kang", "cite"]
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path), "--datasets"])  # the option needs at least one name
+
+
+def test_a_cached_unit_is_reused_until_a_budget_field_it_read_changes(tmp_path):
+    """A unit's record keeps the budget fields it read (and the corpus's): changing another field (a fine-tuning
+    length for a zero-shot unit) reuses it, changing one it read recomputes it."""
+    from finetune.benchmark import suite
+
+    def fake(bench, dataset, seed):
+        return {"setting": {"arm": {"metric": bench.budget.eval_cells + seed}}}
+
+    suite.tasks()
+    suite._TASKS["fake"] = suite.Task("fake", fake, lambda bench: ["kang"])
+    try:
+        corpus = type("Corpus", (), {"files": {"kang": tmp_path / "kang.h5ad"}})()
+        bench = Bench(out=tmp_path, budget=BUDGETS["full"], datasets=dict(DATASETS), data_dir=tmp_path, seeds=[2],
+                      corpus=corpus)
+        unit = suite.Unit("fake", "kang", 2)
+        result = suite.run_unit(bench, unit)
+        assert result["results"]["setting"]["arm"]["metric"] == BUDGETS["full"].eval_cells + 2
+        assert set(result["record"]["budget"]) == {"name", "max_cells", "tokens", "eval_cells"}
+        assert suite._done(bench, unit)
+        bench.budget = dataclasses.replace(BUDGETS["full"], transformer_steps=7, scvi_epochs=1)
+        assert suite._done(bench, unit)  # fields the unit never read
+        bench.budget = dataclasses.replace(BUDGETS["full"], eval_cells=5)
+        assert not suite._done(bench, unit)
+        bench.budget = BUDGETS["full"]
+        bench.corpus = type("Corpus", (), {"files": {"kang": tmp_path / "other.h5ad"}})()
+        assert not suite._done(bench, unit)  # another corpus
+    finally:
+        del suite._TASKS["fake"]

@@ -57,6 +57,32 @@ def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, ci
         api.prepare_model("cell-type", cite[0], model=path, encoder="mlp", label_key="cell_type")
 
 
+def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint, cite, monkeypatch):
+    """The default ``encoder_lr``: ``lr / 3`` for a pretrained encoder, ``lr`` for one from random weights; an
+    explicit value wins."""
+    import pretrain.loop
+
+    path, _ = checkpoint
+    cells = cite[0][:64].copy()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, loader, accelerator, loop, evaluate=None):
+        seen.append((model.pretrained_encoder, loop.learning_rate, loop.encoder_learning_rate))
+        raise Stop
+
+    monkeypatch.setattr(pretrain.loop, "train", capture)
+    for source, settings in ((path, {}), ("none", {}), (path, {"encoder_lr": 5e-4})):
+        net = api.prepare_model("cell-type", cells, model=source, encoder="transformer", label_key="cell_type",
+                                transformer=None if source == path else TINY)
+        with pytest.raises(Stop):
+            api.fit(net, api.cells_for(cells, net, label_key="cell_type"),
+                    api.TrainSettings(lr=3e-3, epochs=1, batch_size=16, **settings))
+    assert seen == [(True, 3e-3, pytest.approx(1e-3)), (False, 3e-3, 3e-3), (True, 3e-3, 5e-4)]
+
+
 def test_pretrained_models_tokenization_is_the_default(checkpoint, cite, tmp_path):
     """New cells are tokenized as the pretraining corpus was (tokenization.json beside the weights), unless the
     caller says otherwise; a folder without the file falls back to the tokenizer's defaults."""

@@ -50,7 +50,7 @@ def celltypes(bench: Bench, name: str, seed: int) -> dict:
     train, test = train_test(bench, name, seed)
     y_all = data.labels(train.obs)
     truth = data.labels(test.obs)
-    transformer_arms = express_arms(bench, seed)
+    transformer_arms = express_arms(bench, seed, bench.budget.transformer_steps)
     out, masks = {}, []
     for fraction in bench.budget.label_fractions:
         rows = label_subset(y_all, fraction, seed)

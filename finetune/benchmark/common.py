@@ -79,14 +79,13 @@ def model_dir(bench: Bench, seed: int, variant: str = "default") -> Path:
     return path
 
 
-def express_arms(bench: Bench, seed: int) -> dict[str, dict]:
+def express_arms(bench: Bench, seed: int, steps: int | None) -> dict[str, dict]:
     """Keyword arguments of the two transformer arms for ``finetune.api``: pretrained (the default recipe) and the
-    same architecture, vocabulary and tokenization from random weights. Only the step budget and the seed are set;
-    the random-weight encoder trains at the heads' learning rate, which is what the library does for an encoder
-    that was not pretrained (``model="none"``)."""
+    same architecture, vocabulary and tokenization from random weights. Only the step budget (``steps``; None: the
+    library's length) and the seed are set; the random-weight encoder trains at the heads' learning rate, which is
+    what the library does for an encoder that was not pretrained (``model="none"``)."""
     from finetune.api import TrainSettings
 
-    steps = bench.budget.transformer_steps
     common = {"gene_id_key": GENE_ID_KEY, "seed": seed, **({} if steps is None else {"max_steps": steps}),
               **_length(bench, None)}
     return {"express_pretrained": {"model": str(model_dir(bench, seed)), **common},

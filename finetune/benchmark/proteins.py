@@ -56,7 +56,7 @@ def proteins(bench: Bench, name: str, seed: int) -> dict:
 
     express("express_mlp_encoder", **mlp_arm(bench, seed))
     express("express_nb_vae_mlp_encoder", encoder="mlp", protein_head="nb", **vae_budget(bench, seed))
-    for arm, kwargs in express_arms(bench, seed).items():
+    for arm, kwargs in express_arms(bench, seed, bench.budget.protein_transformer_steps).items():
         express(arm, **kwargs)
     if scvi_arms.missing() is None and data.batch_key is not None:
         with Timer() as timer:

@@ -680,7 +680,7 @@ def run(data: str | Path, *, seeds: Sequence[int] = (0,), settings: StimulationS
 # The benchmark suite's task
 # ---------------------------------------------------------------------------------------------------------------------
 def _suite_settings(bench: Bench) -> StimulationSettings:
-    return QUICK if bench.budget.name == "quick" else StimulationSettings()
+    return QUICK if bench.budget.name == "quick" else StimulationSettings(max_types=bench.budget.stimulation_types)
 
 
 @register("stimulation", lambda bench: [n for n in ("kang_stim",) if n in bench.datasets], primary="r2_top100",
