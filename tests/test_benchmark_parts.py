@@ -202,10 +202,13 @@ def test_datasets_option_keeps_only_those_datasets_units(tmp_path):
         parse(["--out", str(tmp_path), "--datasets"])  # the option needs at least one name
 
 
-def test_a_cached_unit_is_reused_until_a_budget_field_it_read_changes(tmp_path):
+def test_a_cached_unit_is_reused_until_a_budget_field_it_read_changes(tmp_path, monkeypatch):
     """A unit's record keeps the budget fields it read (and the corpus's): changing another field (a fine-tuning
     length for a zero-shot unit) reuses it, changing one it read recomputes it."""
     from finetune.benchmark import suite
+
+    # a worker's thread limits, set in this process, would outlive the test (numba refuses a new thread count)
+    monkeypatch.setattr(suite, "_limit_threads", lambda threads, cache=None: None)
 
     def fake(bench, dataset, seed):
         return {"setting": {"arm": {"metric": bench.budget.eval_cells + seed}}}

@@ -4,7 +4,8 @@ A run is a list of **units** (:class:`Unit`): one task on one dataset with one s
 Each unit is a function of the shared :class:`Bench` context that returns ``{setting: {arm: {metric: value}}}``;
 its result is written to ``OUT/units/<task>/<dataset>/seed<seed>.json`` as soon as it finishes, so a rerun with the
 same ``--out`` skips finished units (``--rerun`` recomputes them; a unit is recomputed too when a budget field it
-read has changed, see :class:`BudgetReads`).
+read has changed, see :class:`BudgetReads`; the record does not cover the library's own defaults, so after changing
+one delete the affected ``OUT/units/<task>`` folders).
 Pretraining units come first (the other tasks read the pretrained models); the rest run ``--jobs`` at a time, each
 in a worker process with one torch thread.
 
