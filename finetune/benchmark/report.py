@@ -39,7 +39,7 @@ DIAGNOSTICS = ("poolings (diagnostic)", "embedding_norms")
 NO_VERDICT_TASKS = ("pretraining",)
 LIFT_METRICS = ("macro_f1", "accuracy", "label_silhouette", "nmi_kmeans", "ari_kmeans", "nmi_leiden", "ari_leiden")
 # the headline: task -> the settings it shows (None: every setting)
-HEADLINE = {"celltypes": ("100% labels", "10% labels"), "zeroshot": ("embeddings",), "integration": None,
+HEADLINE = {"celltypes": ("100% labels",), "zeroshot": ("embeddings",), "integration": None,
             "proteins": None, "probabilistic": None, "stimulation": ("mean over types",)}
 
 
