@@ -287,10 +287,9 @@ def counted_training_cells(corpus: Corpus, *, max_cells: int = 20_000, seed: int
     return items
 
 
-def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, items: list[dict] | None = None,
-                           max_cells: int = 20_000, seed: int = 0) -> np.ndarray:
-    """Token ids of ``n_top_genes`` highly variable genes of the corpus, from the kept counts of (up to
-    ``max_cells``) training cells. Each dataset ranks its genes by Seurat's normalised dispersion of log-normalised
+def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, items: list[dict] | None = None) -> np.ndarray:
+    """Token ids of ``n_top_genes`` highly variable genes of the corpus, from the kept counts of the training cells
+    (:func:`counted_training_cells`). Each dataset ranks its genes by Seurat's normalised dispersion of log-normalised
     counts (scanpy), and the datasets take turns adding their next-ranked gene, so a small dataset (another tissue,
     another protocol) gets as many genes as a large one rather than being outvoted. Returned sorted. ``items``: the
     cells to use (:func:`counted_training_cells`; read here when not given)."""
@@ -299,7 +298,7 @@ def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, items: list[dict
     import scipy.sparse as sp
 
     if items is None:
-        items = counted_training_cells(corpus, max_cells=max_cells, seed=seed, purpose="the highly variable genes")
+        items = counted_training_cells(corpus, purpose="the highly variable genes")
     n_special = corpus.vocab.n_special
     rankings = []
     for part in sorted({int(item["dataset_index"]) for item in items}):
@@ -328,13 +327,12 @@ def highly_variable_tokens(corpus: Corpus, n_top_genes: int, *, items: list[dict
     return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))) + n_special
 
 
-def mean_profiles(corpus: Corpus, *, items: list[dict] | None = None, max_cells: int = 20_000, seed: int = 0
-                  ) -> np.ndarray:
-    """``(n_datasets, vocab_size)`` log share of each gene in the pooled kept counts of (up to ``max_cells``) training
-    cells of each dataset (+0.5 per gene; special tokens -inf): the MCV reference that knows a cell's dataset and
+def mean_profiles(corpus: Corpus, *, items: list[dict] | None = None) -> np.ndarray:
+    """``(n_datasets, vocab_size)`` log share of each gene in the pooled kept counts of each dataset's training cells
+    (:func:`counted_training_cells`) (+0.5 per gene; special tokens -inf): the MCV reference that knows a cell's dataset and
     nothing else about it. ``items``: the cells to use (:func:`counted_training_cells`; read here when not given)."""
     if items is None:
-        items = counted_training_cells(corpus, max_cells=max_cells, seed=seed, purpose="the mean profile")
+        items = counted_training_cells(corpus, purpose="the mean profile")
     totals = np.full((len(corpus.parts), corpus.vocab.vocab_size), 0.5)
     for item in items:
         np.add.at(totals[int(item["dataset_index"])], np.asarray(item["counts_ids"], dtype=np.int64),
