@@ -549,6 +549,9 @@ class ExpressCollator:
       tokenized with more; the rank order makes the first ``top_k`` the same as tokenizing with ``top_k``).
     - ``gene_selection="random"``: the input genes are ``top_k`` genes drawn at random among the cell's detected
       ones on every visit (then ranked by value), instead of its top-ranked ones (an ablation; needs kept counts).
+    - ``gene_selection="panel"``: every row is re-tokenized from its kept counts with its spec's gene panel
+      (``TokenizationSpec.input_genes``), for rows tokenized before the panel was chosen. A split re-tokenizes
+      within the panel whatever this setting.
 
     Args:
         vocab: the datasets' vocabulary; ``None`` for rows without tokens (the MLP encoder).
@@ -580,8 +583,11 @@ class ExpressCollator:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.gene_selection not in ("top", "random"):
-            raise ValueError(f"gene_selection must be 'top' or 'random', got {self.gene_selection!r}")
+        if self.gene_selection not in ("top", "random", "panel"):
+            raise ValueError(f"gene_selection must be 'top', 'random' or 'panel', got {self.gene_selection!r}")
+        if self.gene_selection == "panel" and not (self.specs and all(s.input_genes is not None for s in self.specs)):
+            raise ValueError("gene_selection='panel' re-tokenizes within each spec's gene panel: give specs with "
+                             "input_genes")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}")
         if self.mask_token_fraction < 0 or self.random_token_fraction < 0 or \
@@ -649,6 +655,10 @@ class ExpressCollator:
             groups.setdefault((int(row.get("dataset_index", 0)), row.get("source")), []).append(i)
         for (dataset_index, _), members in groups.items():
             spec = self._spec(dataset_index)
+            if spec.input_genes is not None:  # the panel's genes only (the library size keeps every gene)
+                for i in members:
+                    read = spec.read_genes(ids[i])
+                    ids[i], counts[i] = ids[i][read], counts[i][read]
             if self.gene_selection == "random":
                 for i in members:  # top_k of the detected genes at random (ranked by value below)
                     if len(ids[i]) > spec.top_k:
@@ -711,7 +721,8 @@ class ExpressCollator:
         return inputs, halves, held_out, held_out_library
 
     def _reselect(self, rows, rngs) -> list[dict]:
-        """Every row re-tokenized from its whole kept counts (``gene_selection="random"`` without a split)."""
+        """Every row re-tokenized from its whole kept counts (``gene_selection`` "random" or "panel" without a
+        split)."""
         n = len(rows)
         ids = [np.asarray(r["counts_ids"], dtype=np.int64) for r in rows]
         counts = [np.asarray(r["counts"], dtype=np.int64) for r in rows]
@@ -831,7 +842,7 @@ class ExpressCollator:
             output = torch.from_numpy(self._output).expand(len(rows), -1)
             batch["mcv_gene_mask"] = batch["mcv_gene_mask"] & output if "mcv_gene_mask" in batch else output.clone()
         halves = None
-        if self.gene_selection == "random" and self.mcv_input_fraction is None:
+        if self.gene_selection != "top" and self.mcv_input_fraction is None:
             rows = self._reselect(rows, rngs)
         if self.mcv_input_fraction is not None:
             rows, halves, held_out, held_out_library = self._split(rows, rngs)

@@ -95,9 +95,14 @@ class PretrainArgs:
                 "then tokenizes new cells so); none: as tokenized"})
     n_zeros: int | None = field(default=25, metadata={
         "help": "keep at most this many sampled zero genes per cell (0: none); none: as tokenized"})
-    gene_selection: Literal["top", "random"] = field(default="top", metadata={
-        "help": "the input genes: the top-ranked ones, or top_k detected genes drawn at random on every visit "
-                "(an ablation; needs kept counts)"})
+    gene_selection: Literal["top", "random", "hvg"] = field(default="top", metadata={
+        "help": "the input genes: the top-ranked ones; top_k detected genes drawn at random on every visit; or the "
+                "top-ranked ones within a fixed panel of the corpus's --panel_genes most variable genes, which the "
+                "model records so new cells are read through the same panel (the last two are ablations and need "
+                "kept counts)"})
+    panel_genes: int = field(default=2000, metadata={
+        "help": "with --gene_selection hvg: the panel's size (highly variable genes of the training cells, found "
+                "per dataset as for --mcv_output_genes)"})
     output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where checkpoints, logs and final/ go"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start afresh even if output_dir already holds checkpoints or a final model"})
@@ -204,6 +209,7 @@ class PretrainArgs:
             (self.dataset_weights is None or len(self.dataset_weights) == len(self.dataset),
              "give one --dataset_weights value per --dataset"),
             (self.stop_at_step is None or self.stop_at_step >= 1, "stop_at_step must be >= 1"),
+            (self.panel_genes >= 1, "panel_genes must be >= 1"),
             ("celltype" not in self.objective_list or self.label_column is not None,
              "the celltype objective needs --label_column (the obs column of cell types)"),
         ]
@@ -271,12 +277,18 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             paths = [str(prepare_default_data(output_dir / "default_data"))]
     corpus = load_corpus(paths, eval_fraction=args.eval_fraction, seed=args.seed, max_eval_cells=args.max_eval_cells,
                          require_counts="mcv" in objectives or "count" in objectives or
-                         args.gene_selection == "random",
+                         args.gene_selection != "top",
                          labels=(args.label_column, CELL_TYPE_COLUMN) if "celltype" in objectives else None)
     truncate = narrow_specs(corpus, args.top_k, args.n_zeros)
     output_genes = counted = None
-    if "mcv" in objectives:  # the HVGs MCV scores and the mean profiles evaluation compares with: one read
-        counted = counted_training_cells(corpus, seed=args.seed, purpose="MCV")
+    if "mcv" in objectives or args.gene_selection == "hvg":  # the HVGs and the mean profiles: one read
+        counted = counted_training_cells(corpus, seed=args.seed, purpose="MCV or the gene panel")
+    if args.gene_selection == "hvg":  # every part's spec (and so the saved model's) carries the panel
+        with accelerator.main_process_first():
+            panel = highly_variable_tokens(corpus, args.panel_genes, items=counted)
+        for part in corpus.parts:
+            part.spec = part.spec.replace(input_genes=panel)
+        logger.info("the input is each cell's top-ranked genes among the corpus's %d most variable", len(panel))
     if args.mcv_output_genes and "mcv" in objectives:
         with accelerator.main_process_first():
             output_genes = highly_variable_tokens(corpus, args.mcv_output_genes, items=counted)
@@ -306,7 +318,8 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     collate = dict(mlm_probability=args.mlm_probability, mcv_input_fraction=args.mcv_input_fraction,
                    mcv_fraction_jitter=args.mcv_fraction_jitter, mcv_unsplit_fraction=args.mcv_unsplit_fraction,
                    contrastive_view=args.contrastive_view, mcv_gene_mask=args.mcv_source_genes,
-                   max_length=args.max_length, truncate=truncate, gene_selection=args.gene_selection,
+                   max_length=args.max_length, truncate=truncate,
+                   gene_selection="panel" if args.gene_selection == "hvg" else args.gene_selection,
                    mcv_output_genes=output_genes)
     collator = make_collator(corpus.vocab, corpus.specs, objectives, seed=args.seed, pass_columns=report, **collate)
     sampler = LengthGroupedBatchSampler(
@@ -326,7 +339,7 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
             drop_last=False, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         )
         profiles = None
-        if counted is not None:  # the diagnostic reference: each dataset's mean profile
+        if "mcv" in objectives:  # the diagnostic reference: each dataset's mean profile
             profiles = torch.as_tensor(mean_profiles(corpus, items=counted), dtype=torch.float32)
         eval_loader = torch.utils.data.DataLoader(
             corpus.eval, batch_sampler=eval_sampler,

@@ -73,8 +73,9 @@ def test_quick_benchmark_runs_every_task_and_arm_over_three_seeds(quick_run):
     from finetune.benchmark import pretraining
 
     runs = _arms(results, "pretraining", "corpus", "pretraining")
-    assert {"objective_mlm", "objective_mcv", "objective_contrastive", "input_random_genes", "no_sampled_zeros",
-            "no_gene_hierarchy", "no_gene_embedding_norm", "no_rank_embedding", "no_value_embedding"} <= set(runs)
+    assert {"objective_mlm", "objective_mcv", "objective_contrastive", "input_random_genes", "input_hvg_panel",
+            "no_sampled_zeros", "no_gene_hierarchy", "no_gene_embedding_norm", "no_rank_embedding",
+            "no_value_embedding"} <= set(runs)
     assert set(runs) == {"default", "default_ablation_budget",
                          *(v for v in pretraining.VARIANTS if not pretraining.is_default(v))}
     assert all(runs[v]["steps"]["mean"] >= 1 for v in runs)

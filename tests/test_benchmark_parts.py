@@ -233,3 +233,45 @@ def test_a_cached_unit_is_reused_until_a_budget_field_it_read_changes(tmp_path, 
         assert not suite._done(bench, unit)  # another corpus
     finally:
         del suite._TASKS["fake"]
+
+
+def test_zero_shot_embeddings_read_cells_as_the_model_was_pretrained(tmp_path):
+    """The stored tokens (more genes and zeros than the model was pretrained on) are cut to the model's top_k and
+    n_zeros, and a model with a gene panel reads the cells re-encoded through it; the mean pooling is over exactly
+    those detected genes."""
+    import torch
+
+    from finetune.benchmark.zeroshot import model_embeddings
+    from modeling import ExpressConfig, ExpressModel
+    from test_pretrain_data import make_tokenized_dataset, make_vocab
+    from tokenizer import TokenizationSpec, TokenizedCells
+
+    vocab = make_vocab(40)
+    cells = TokenizedCells.load(make_tokenized_dataset(tmp_path / "cells", n_cells=12, vocab=vocab, top_k=12,
+                                                       n_zeros=4))
+    torch.manual_seed(0)
+    model = ExpressModel(ExpressConfig.from_vocab(vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                  intermediate_size=32)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append((kwargs["input_ids"], kwargs["is_zero"],
+                                                                         kwargs["attention_mask"])),
+                                    with_kwargs=True)
+    rows = np.arange(12)
+    panel = vocab.gene_token_ids[::2]
+    counts_ids = cells.dataset["counts_ids"]
+    for spec, top_k, n_zeros in ((None, 12, 4), (TokenizationSpec(top_k=5, n_zeros=2), 5, 2),
+                                 (TokenizationSpec(top_k=5, n_zeros=2, input_genes=panel), 5, 2)):
+        seen.clear()
+        pooled = model_embeddings(model, cells, rows, spec=spec)
+        assert pooled["cls_mean"].shape == (12, 32)
+        ids, zero, mask = (torch.cat([s[i] for s in seen]) for i in range(3))  # one batch of 12 (no padding left)
+        genes = (ids >= vocab.n_special) & (mask == 1)
+        for i in range(12):
+            detected = ids[i][genes[i] & (zero[i] == 0)].numpy()
+            available = np.asarray(counts_ids[i]) if spec is None or spec.input_genes is None else \
+                np.intersect1d(counts_ids[i], panel)
+            assert len(detected) == min(top_k, len(available)) and set(detected) <= set(available.tolist())
+            assert (genes[i] & (zero[i] == 1)).sum() == n_zeros
+            if spec is not None and spec.input_genes is not None:
+                assert set(ids[i][genes[i]].tolist()) <= set(panel.tolist())
+    assert not np.allclose(pooled["mean"], model_embeddings(model, cells, rows)["mean"])

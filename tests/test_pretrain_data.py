@@ -415,6 +415,49 @@ def test_mcv_split_and_retokenization(two_datasets):
         assert not set(got_ids[got_zero == 1]) & set(ids)  # sampled zeros really are zero in x'
 
 
+def test_gene_selection_random_and_panel_re_encode_the_kept_counts(two_datasets):
+    a, _, vocab = two_datasets
+    corpus = load_corpus([a], eval_fraction=0.0, require_counts=True)
+    rows = _rows(corpus, 30)
+    spec = corpus.specs[0]
+
+    def detected(batch, i):
+        t = batch["attention_mask"][i].sum().item()
+        ids, zero = batch["input_ids"][i, :t].numpy(), batch["is_zero"][i, :t].numpy()
+        genes = ids >= vocab.n_special
+        return ids[genes & (zero == 0)], batch["values"][i, :t].numpy()[genes & (zero == 0)], ids[genes & (zero == 1)]
+
+    # random: top_k of the detected genes, a different draw than the top-ranked ones, ranked by value
+    batch = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=None, specs=corpus.specs,
+                            gene_selection="random")(rows)
+    differs = 0
+    for i, row in enumerate(rows):
+        ids, values, _ = detected(batch, i)
+        assert set(ids.tolist()) <= set(row["counts_ids"].tolist())
+        assert len(ids) == min(spec.top_k, len(row["counts_ids"])) and (np.diff(values) <= 0).all()
+        stored, stored_zero = np.asarray(row["input_ids"]), np.asarray(row["is_zero"])
+        top = stored[(stored_zero == 0) & (stored >= vocab.n_special)]
+        differs += ids.tolist() != top.tolist()
+    assert differs >= 20
+    # panel: the encoder on the panel's counts, with the whole library; zeros from the panel
+    panel = vocab.gene_token_ids[::3]
+    specs = [s.replace(input_genes=panel) for s in corpus.specs]
+    batch = ExpressCollator(vocab, mlm_probability=0.0, pad_to_multiple_of=None, specs=specs,
+                            gene_selection="panel")(rows)
+    for i, row in enumerate(rows):
+        keep = np.isin(row["counts_ids"], panel)
+        expected = encode_count_rows([row["counts_ids"][keep]], [row["counts"][keep]],
+                                     np.array([row["total_counts"]]), vocab.token_medians, top_k=spec.top_k,
+                                     n_zeros=0, cls_id=vocab.cls_id)
+        ids, values, zeros = detected(batch, i)
+        assert ids.tolist() == expected.input_ids[1:].tolist()
+        np.testing.assert_allclose(values, expected.values[1:], rtol=1e-6)
+        assert set(zeros.tolist()) <= set(panel.tolist()) - set(row["counts_ids"].tolist())
+        assert len(zeros) == spec.n_zeros
+    with pytest.raises(ValueError, match="input_genes"):
+        ExpressCollator(vocab, specs=corpus.specs, gene_selection="panel")
+
+
 def test_mcv_split_is_binomial(two_datasets):
     a, _, vocab = two_datasets
     corpus = load_corpus([a], eval_fraction=0.0)

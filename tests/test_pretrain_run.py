@@ -231,6 +231,30 @@ def test_default_data_run_uses_the_tokenizers_encoding_for_mcv(tmp_path):
     assert TokenizationSpec.load(out / "final").top_k == PretrainArgs().top_k == 128
 
 
+def test_an_hvg_panel_input_is_recorded_with_the_model(corpus_dir, tmp_path):
+    """--gene_selection hvg: the corpus's most variable genes become every part's gene panel; the model's
+    tokenization.json records it, so new cells are read through it."""
+    import numpy as np
+
+    from pretrain.data import counted_training_cells, highly_variable_tokens, load_corpus
+    from tokenizer import TokenizationSpec
+
+    out = tmp_path / "hvg"
+    result = main(PretrainArgs(dataset=[corpus_dir["a"]], output_dir=str(out), max_steps=3,
+                               eval_steps=0, gene_selection="hvg", panel_genes=20, objectives="mlm,contrastive",
+                               contrastive_view="noise", **TINY))
+    assert result["step"] == 3 and np.isfinite(result["metrics"]["eval/mlm_loss"])
+    saved = TokenizationSpec.load(out / "final")
+    defaults = PretrainArgs()
+    corpus = load_corpus([corpus_dir["a"]], eval_fraction=defaults.eval_fraction, seed=defaults.seed,
+                         max_eval_cells=defaults.max_eval_cells, require_counts=True)
+    expected = highly_variable_tokens(corpus, 20, items=counted_training_cells(corpus, seed=defaults.seed))
+    assert len(saved.input_genes) == 20
+    np.testing.assert_array_equal(saved.input_genes, expected)
+    with pytest.raises(ValueError, match="panel_genes"):
+        PretrainArgs(panel_genes=0)
+
+
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 

@@ -69,6 +69,46 @@ def test_manifest_records_the_spec_and_the_genes_each_input_measures(tmp_path, f
         TokenizationSpec.from_dict({"top_k": 3, "topk": 4})
 
 
+def test_a_gene_panel_reads_only_its_genes_against_the_whole_library(tmp_path, files):
+    """``input_genes``: detected genes and sampled zeros come from the panel only, ranked as before, with values
+    normalised by the cell's whole library; the panel round-trips through the JSON."""
+    paths, adatas, stats = files
+    vocab = GeneVocab.load(stats)
+    panel = vocab.gene_token_ids[::4]
+    spec = TokenizationSpec(top_k=20, n_zeros=5, seed=4, input_genes=panel[::-1])  # any order: stored sorted
+    out = tokenize_files(paths[:1], stats, tmp_path / "tokens", spec=spec, keep_counts=True, progress=False)
+    ds = datasets.load_from_disk(str(out))
+    cells = TokenizedCells.load(out)
+    np.testing.assert_array_equal(cells.spec.input_genes, panel)
+    measured = np.unique(vocab.encode_gene_ids(list(adatas[0].var_names)))
+    np.testing.assert_array_equal(cells.spec.measured_genes["a"], np.intersect1d(measured[measured >= 0], panel))
+    n_short = 0
+    for row in range(0, 300, 11):
+        ref_ids, ref_v, all_ids, all_x, total = _reference_cell(adatas[0], row, vocab, 10**6)
+        in_panel = np.isin(ref_ids, panel)
+        want_ids, want_v = ref_ids[in_panel][:20], ref_v[in_panel][:20]
+        n_short += len(want_ids) < 20
+        cell = ds[row]
+        ids, zero = np.asarray(cell["input_ids"]), np.asarray(cell["is_zero"])
+        np.testing.assert_array_equal(ids[1:][zero[1:] == 0], want_ids)
+        np.testing.assert_array_equal(np.asarray(cell["values"], dtype=np.float32)[1:][zero[1:] == 0], want_v)
+        zeros = ids[zero == 1]
+        assert len(zeros) == 5 and set(zeros.tolist()) <= set(panel.tolist())
+        assert not set(zeros.tolist()) & set(all_ids.tolist())
+        assert cell["total_counts"] == total  # the library is the whole cell's
+        assert set(cell["counts_ids"]) <= set(panel.tolist())
+    assert n_short < 28  # most cells have 20 panel genes: the panel did not empty the cells
+    cells.spec.save(tmp_path)
+    assert TokenizationSpec.load(tmp_path).same_encoding(cells.spec)
+    assert not TokenizationSpec.load(tmp_path).same_encoding(cells.spec.replace(input_genes=panel[1:]))
+    with pytest.raises(InputError, match="empty gene panel"):
+        TokenizationSpec(input_genes=[])
+    with pytest.raises(InputError, match="another vocabulary"):
+        tokenize_files(paths[:1], stats, tmp_path / "bad", spec=TokenizationSpec(input_genes=[vocab.vocab_size]),
+                       progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_dataset_contract_and_per_cell_reference(tmp_path, files):
     paths, adatas, stats = files
     out = tokenize_files(paths, stats, tmp_path / "tokens", spec=TokenizationSpec(top_k=40, n_zeros=10, seed=3),

@@ -9,6 +9,11 @@ fine-tuning and the embedding tools tokenize new cells with the spec their model
 measures: the tokenizer samples zero-expressed genes only among them, so every re-tokenization must too. On disk they
 are stored as ``[start, stop)`` runs of token ids, which keeps the JSON small (a file usually measures long runs of
 the vocabulary).
+
+``input_genes`` (optional) is a fixed gene panel: only those token ids are read, as detected genes and as sampled
+zeros (the library size still counts every gene). A model pretrained on a panel (``express-pretrain
+--gene_selection hvg``) records it, so the tokenizer, fine-tuning and the embedding tools read new cells through the
+same panel.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class TokenizationSpec:
         add_cls: prepend ``<cls>``.
         add_eos: append ``<eos>`` (Geneformer V2).
         measured_genes: per source file, the sorted vocabulary token ids it measures.
+        input_genes: a fixed gene panel (vocabulary token ids): the only genes read; None reads every gene.
     """
 
     mode: str = "express"
@@ -53,6 +59,7 @@ class TokenizationSpec:
     add_cls: bool = True
     add_eos: bool = False
     measured_genes: dict[str, np.ndarray] = field(default_factory=dict)
+    input_genes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +74,10 @@ class TokenizationSpec:
             raise InputError("Geneformer's encoding samples no zero genes: n_zeros must be 0 in geneformer mode")
         self.measured_genes = {str(k): np.unique(np.asarray(v, dtype=np.int64))
                                for k, v in self.measured_genes.items()}
+        if self.input_genes is not None:
+            self.input_genes = np.unique(np.asarray(self.input_genes, dtype=np.int64))
+            if len(self.input_genes) == 0:
+                raise InputError("input_genes is an empty gene panel: give at least one gene (or None for all)")
 
     @property
     def max_length(self) -> int:
@@ -74,16 +85,27 @@ class TokenizationSpec:
         return self.top_k + self.n_zeros + int(self.add_cls) + int(self.add_eos)
 
     def zero_candidates(self, source: str | None) -> np.ndarray | None:
-        """Token ids a cell of ``source`` may sample as zeros (None: not recorded, use every vocabulary gene)."""
-        return self.measured_genes.get(str(source)) if source is not None else None
+        """Token ids a cell of ``source`` may sample as zeros: the genes it measures, within the panel when there is
+        one (None: not recorded and no panel, use every vocabulary gene)."""
+        measured = self.measured_genes.get(str(source)) if source is not None else None
+        if self.input_genes is None or measured is None:
+            return measured if self.input_genes is None else self.input_genes
+        return np.intersect1d(measured, self.input_genes, assume_unique=True)
+
+    def read_genes(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the token ids ``ids`` are read (bool mask): all of them, or those in the gene panel."""
+        ids = np.asarray(ids)
+        return np.ones(ids.shape, dtype=bool) if self.input_genes is None else np.isin(ids, self.input_genes)
 
     def same_encoding(self, other: TokenizationSpec) -> bool:
         """Whether ``other`` encodes cells the same way (the sources measured may differ)."""
         return self.encoding() == other.encoding()
 
     def encoding(self) -> dict[str, Any]:
-        """Every field but ``measured_genes``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "measured_genes"}
+        """Every field but ``measured_genes`` (the gene panel as ``[start, stop)`` runs), JSON-ready."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("measured_genes", "input_genes")}
+        return {**out, "input_genes": None if self.input_genes is None else _runs(self.input_genes)}
 
     def replace(self, **changes: Any) -> TokenizationSpec:
         return dataclasses.replace(self, **changes)
@@ -100,6 +122,8 @@ class TokenizationSpec:
             raise CorruptFileError(f"{where}: unknown field(s) {unknown}; a tokenization spec has {sorted(known)}")
         values = dict(data)
         values["measured_genes"] = {k: _from_runs(v, where) for k, v in dict(data.get("measured_genes") or {}).items()}
+        if values.get("input_genes") is not None:
+            values["input_genes"] = _from_runs(values["input_genes"], where, "input_genes must be [start, stop) runs")
         return cls(**values)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -141,11 +165,12 @@ def _runs(ids: np.ndarray) -> list[list[int]]:
     return [[int(ids[a]), int(ids[b - 1]) + 1] for a, b in zip(starts, stops)]
 
 
-def _from_runs(runs: Any, where: str) -> np.ndarray:
+def _from_runs(runs: Any, where: str,
+               what: str = "measured_genes must map each source to [start, stop) runs") -> np.ndarray:
     try:
         parts = [np.arange(int(a), int(b), dtype=np.int64) for a, b in runs]
     except (TypeError, ValueError):
-        raise CorruptFileError(f"{where}: measured_genes must map each source to [start, stop) runs") from None
+        raise CorruptFileError(f"{where}: {what}") from None
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -360,7 +360,7 @@ def _resolve(stats, geneformer_dicts, model_input_size, spec: TokenizationSpec |
 
 
 def _plan_sources(inputs, vocab: GeneVocab, collapse: dict | None, cfg: dict, obs_keys: Sequence[str],
-                  gene_map: dict | None, keep_counts: bool) -> tuple[list[SourceInfo], dict]:
+                  gene_map: dict | None, keep_counts: bool, spec: TokenizationSpec) -> tuple[list[SourceInfo], dict]:
     infos, obs_series_types = [], {k: [] for k in obs_keys}
     target = vocab.gene_ids
     for index, item in enumerate(inputs):
@@ -403,6 +403,12 @@ def _plan_sources(inputs, vocab: GeneVocab, collapse: dict | None, cfg: dict, ob
             if len(missing):
                 logger.info("%s: %d of %d genes are not in the vocabulary and are left out", source.name,
                             len(missing), source.n_vars)
+            if spec.input_genes is not None:  # a gene panel: the other columns still count in the library size
+                col_map = np.where(spec.read_genes(col_map), col_map, -1)
+                report["genes_in_panel"] = int(len(np.unique(col_map[col_map >= 0])))
+                if report["genes_in_panel"] == 0:
+                    raise InputError(f"{source.name}: none of its genes is in the spec's gene panel (input_genes, "
+                                     f"{len(spec.input_genes)} genes)")
             infos.append(SourceInfo(
                 index=index, item=str(item) if isinstance(item, os.PathLike) else item, name=source.name,
                 stem=source.stem, n_obs=source.n_obs, col_map=col_map, labels=genes.labels,
@@ -488,7 +494,11 @@ def _prepare(inputs, stats, geneformer_dicts, model_input_size, spec, keep_count
     obs_keys = _check_obs_keys(obs_keys)
     vocab, collapse, spec, mode_params = _resolve(stats, geneformer_dicts, model_input_size, spec)
     gene_map_dict = load_gene_map(gene_map) if isinstance(gene_map, (str, os.PathLike)) else gene_map
-    infos, obs_types = _plan_sources(inputs, vocab, collapse, cfg, obs_keys, gene_map_dict, keep_counts)
+    if spec.input_genes is not None and not ((spec.input_genes >= vocab.n_special) &
+                                             (spec.input_genes < vocab.vocab_size)).all():
+        raise InputError(f"the spec's gene panel (input_genes) holds ids outside the vocabulary's genes "
+                         f"[{vocab.n_special}, {vocab.vocab_size}): it was made for another vocabulary")
+    infos, obs_types = _plan_sources(inputs, vocab, collapse, cfg, obs_keys, gene_map_dict, keep_counts, spec)
     stems = [i.stem for i in infos]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:

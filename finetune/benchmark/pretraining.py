@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "objective_contrastive": {"objectives": "contrastive"},
     "objective_mlm_mcv": {"objectives": "mlm,mcv"},
     "input_random_genes": {"gene_selection": "random"},
+    "input_hvg_panel": {"gene_selection": "hvg"},
     "tokens_256_50_zeros": {"top_k": 256, "n_zeros": 50},
     "no_sampled_zeros": {"n_zeros": 0},
     "no_gene_hierarchy": {"model_config": {"group_level_sizes": [], "group_embedding_dims": []}},

@@ -21,23 +21,36 @@ import warnings
 import numpy as np
 import torch
 
-from tokenizer import TokenizedCells
+from tokenizer import TokenizationSpec, TokenizedCells
 
 POOLINGS = ("cls", "mean", "cls_mean")
 SCALINGS = ("raw", "zscore", "cosine")
 
 
 @torch.no_grad()
-def model_embeddings(model, cells: TokenizedCells, rows: np.ndarray, *, batch_size: int = 64
-                     ) -> dict[str, np.ndarray]:
+def model_embeddings(model, cells: TokenizedCells, rows: np.ndarray, *, spec: TokenizationSpec | None = None,
+                     batch_size: int = 64) -> dict[str, np.ndarray]:
     """``{"cls", "mean", "cls_mean"}`` embeddings of ``cells.dataset`` rows ``rows`` by an ``ExpressModel`` (or a
-    model with an ``express`` encoder)."""
+    model with an ``express`` encoder). ``spec``: how the model reads cells (its ``tokenization.json``): the stored
+    tokens are cut to its ``top_k`` genes and ``n_zeros`` zeros, and re-encoded from the kept counts through its
+    gene panel when it has one, so the model sees cells as in pretraining."""
     from pretrain.data import CellDataset, ExpressCollator
 
     encoder = getattr(model, "express", model)
     encoder.eval()
-    collator = ExpressCollator(cells.vocab, mlm_probability=0.0)
-    dataset = CellDataset([cells.dataset], [rows], columns=["input_ids", "values", "is_zero"])
+    columns = ["input_ids", "values", "is_zero"]
+    if spec is None:
+        collator = ExpressCollator(cells.vocab, mlm_probability=0.0)
+    else:
+        stored = cells.spec
+        read = stored.replace(top_k=min(spec.top_k, stored.top_k), n_zeros=min(spec.n_zeros, stored.n_zeros),
+                              input_genes=spec.input_genes)
+        panel = spec.input_genes is not None
+        collator = ExpressCollator(cells.vocab, mlm_probability=0.0, specs=[read], truncate=True,
+                                   gene_selection="panel" if panel else "top")
+        if panel:
+            columns += ["counts_ids", "counts", "total_counts", "source"]
+    dataset = CellDataset([cells.dataset], [rows], columns=columns)
     parts: dict[str, list[np.ndarray]] = {p: [] for p in POOLINGS}
     for start in range(0, len(dataset), batch_size):
         batch = collator(dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset))))))
@@ -201,11 +214,12 @@ def eval_adata(bench, name: str, cells: TokenizedCells, rows: np.ndarray):
 
 
 def express_embedding(model_path, cells: TokenizedCells, rows: np.ndarray) -> tuple[np.ndarray, dict]:
-    """A pretrained model's cell embedding (its own ``classifier_pooling``) and every pooling's embedding."""
+    """A pretrained model's cell embedding (its own ``classifier_pooling``) and every pooling's embedding, with the
+    cells read as its ``tokenization.json`` says."""
     from modeling import ExpressForMaskedModeling
 
     model = ExpressForMaskedModeling.from_pretrained(model_path)
-    pooled = model_embeddings(model, cells, rows)
+    pooled = model_embeddings(model, cells, rows, spec=TokenizationSpec.load(model_path))
     return pooled[model.config.classifier_pooling], pooled
 
 
