@@ -34,6 +34,7 @@ tokenization spec and a model card), ``OUT/loss_curve.png``, ``OUT/logs/`` (Tens
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -283,15 +284,17 @@ def main(args: PretrainArgs | None = None) -> dict[str, Any]:
     output_genes = counted = None
     if "mcv" in objectives or args.gene_selection == "hvg":  # the HVGs and the mean profiles: one read
         counted = counted_training_cells(corpus, seed=args.seed, purpose="MCV or the gene panel")
+    # the input panel and MCV's outputs are usually the same 2,000 genes: computed once per size
+    most_variable = functools.cache(lambda n: highly_variable_tokens(corpus, n, items=counted))
     if args.gene_selection == "hvg":  # every part's spec (and so the saved model's) carries the panel
         with accelerator.main_process_first():
-            panel = highly_variable_tokens(corpus, args.panel_genes, items=counted)
+            panel = most_variable(args.panel_genes)
         for part in corpus.parts:
             part.spec = part.spec.replace(input_genes=panel)
         logger.info("the input is each cell's top-ranked genes among the corpus's %d most variable", len(panel))
     if args.mcv_output_genes and "mcv" in objectives:
         with accelerator.main_process_first():
-            output_genes = highly_variable_tokens(corpus, args.mcv_output_genes, items=counted)
+            output_genes = most_variable(args.mcv_output_genes)
         logger.info("MCV scores the %d most variable genes of the corpus", len(output_genes))
     from accelerate.utils import set_seed
 

@@ -88,8 +88,10 @@ class TokenizationSpec:
         """Token ids a cell of ``source`` may sample as zeros: the genes it measures, within the panel when there is
         one (None: not recorded and no panel, use every vocabulary gene)."""
         measured = self.measured_genes.get(str(source)) if source is not None else None
-        if self.input_genes is None or measured is None:
-            return measured if self.input_genes is None else self.input_genes
+        if self.input_genes is None:
+            return measured
+        if measured is None:
+            return self.input_genes
         return np.intersect1d(measured, self.input_genes, assume_unique=True)
 
     def read_genes(self, ids: np.ndarray) -> np.ndarray:
