@@ -75,9 +75,11 @@ class FinetuneArgs:
     dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP encoder and heads"})
     input_dropout: float = field(default=0.0, metadata={"help": "dropout on the MLP encoder's input genes"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cell-type loss"})
-    wide_path: bool = field(default=False, metadata={
-        "help": "cell types / proteins: add a linear model on the log-normalised HVGs (--n_top_genes) to the "
-                "encoder's head (a 'wide' path beside the transformer)"})
+    wide_path: bool | None = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "a linear model on the log-normalised HVGs (--n_top_genes) added to the head's output (a 'wide' path "
+                "beside the encoder). Default: on for cell types with the transformer encoder (false: the transformer "
+                "alone), off for protein regression"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the lower N transformer layers; -1 = all"})
     # transformer built from scratch (--model none)
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
@@ -92,8 +94,9 @@ class FinetuneArgs:
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     batch_size: int = field(default=64, metadata={"help": "cells per step"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of the heads (and MLP encoder)"})
-    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default: --lr / 3 for a "
-                                                                          "pretrained encoder, else --lr)"})
+    encoder_lr: float | None = field(default=None, metadata={"help": "encoder lr (default for a pretrained "
+                                                                          "encoder: --lr / 3, --lr / 10 for protein "
+                                                                          "regression; else --lr)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     kl_warmup_ratio: float = field(default=0.3, metadata={"help": "share of steps over which KL weight rises to 1"})
     class_weighting: Literal["none", "balanced", "sqrt", "auto"] = field(default="balanced", metadata={
@@ -133,9 +136,10 @@ class FinetuneArgs:
                   "input_dropout": self.input_dropout}
         if self.task == "cell-type":
             fields["label_smoothing"] = self.label_smoothing
-        if self.wide_path and not (self.task == "vae" or (self.task == "adt" and self.protein_head == "nb")):
-            fields["wide_path"] = True
-        if self.task == "vae" or (self.task == "adt" and self.protein_head == "nb"):
+        is_vae = self.task == "vae" or (self.task == "adt" and self.protein_head == "nb")
+        if self.wide_path is not None and not is_vae:
+            fields["wide_path"] = self.wide_path
+        if is_vae:
             fields.update(n_latent=self.n_latent, covariance=self.covariance, likelihood=self.likelihood,
                           dispersion=self.dispersion, objective=self.objective, n_importance_samples=self.n_samples,
                           dreg=self.dreg, classification_weight=self.classification_weight)

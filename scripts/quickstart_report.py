@@ -1,5 +1,6 @@
-"""Print the quick start's results: pretraining metrics, and the fine-tuned cell-type classifier on the held-out 20%
-of the built-in data next to L1 logistic regression and the majority class on the same split.
+"""Print the quick start's results: pretraining metrics, and the fine-tuned cell-type classifier (the default, and the
+transformer alone without its wide path) on the held-out 20% of the built-in data next to L1 logistic regression and
+the majority class on the same split.
 
     python scripts/quickstart_report.py express_demo
 """
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     x_train, x_test, _ = baselines.log_normalized_features(train, test)
     rows = {
         "express (pretrained, fine-tuned)": json.loads((demo / "celltype" / "metrics.json").read_text()),
+        "  the transformer alone (no wide path)": json.loads(
+            (demo / "celltype_transformer" / "metrics.json").read_text()),
         "L1 logistic regression": {
             "accuracy": M.accuracy(truth, pred := baselines.l1_logistic_regression(x_train, y_train, x_test)),
             "macro_f1": M.macro_f1(truth, pred),
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'method':<34} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in rows.items():
         print(f"  {name:<34} {m['accuracy']:>8.3f} {m['macro_f1']:>8.3f}")
-    print(f"\noutputs: {demo}/tokens (dataset), {demo}/pretrain/final (model), {demo}/celltype (metrics, plots, model)")
+    print(f"\noutputs: {demo}/tokens (dataset), {demo}/pretrain/final (model), {demo}/celltype (metrics, plots, model; "
+          f"{demo}/celltype_transformer without the wide path)")
     return rows
 
 

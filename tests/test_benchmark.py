@@ -46,7 +46,7 @@ def test_quick_benchmark_runs_every_task_and_arm_over_three_seeds(quick_run):
                     for metric, stats in metrics.items():
                         assert len(stats["values"]) == 3, (task, dataset, setting, arm, metric)
     celltype_arms = {"majority", "l1_logistic_regression", "mlp_sklearn", "express_mlp_encoder", "express_pretrained",
-                     "express_random_init", "express_vae_mlp_encoder", "scanvi"}
+                     "express_random_init", "express_pretrained_wide", "express_vae_mlp_encoder", "scanvi"}
     for dataset in ("kang", "cellbench", "cite"):
         for fraction in ("50% labels", "100% labels"):
             arms = _arms(results, "celltypes", dataset, fraction)

@@ -58,8 +58,8 @@ def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, ci
 
 
 def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint, cite, monkeypatch):
-    """The default ``encoder_lr``: ``lr / 3`` for a pretrained encoder, ``lr`` for one from random weights; an
-    explicit value wins."""
+    """The default ``encoder_lr``: ``lr / 3`` for a pretrained encoder under a classifier, ``lr / 10`` under the
+    protein regression head, ``lr`` for one from random weights; an explicit value wins."""
     import pretrain.loop
 
     path, _ = checkpoint
@@ -74,13 +74,38 @@ def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint
         raise Stop
 
     monkeypatch.setattr(pretrain.loop, "train", capture)
-    for source, settings in ((path, {}), ("none", {}), (path, {"encoder_lr": 5e-4})):
-        net = api.prepare_model("cell-type", cells, model=source, encoder="transformer", label_key="cell_type",
-                                transformer=None if source == path else TINY)
+    runs = (("cell-type", path, {}), ("cell-type", "none", {}), ("cell-type", path, {"encoder_lr": 5e-4}),
+            ("adt", path, {}), ("adt", "none", {}))
+    for task, source, settings in runs:
+        keys = {"label_key": "cell_type"} if task == "cell-type" else {"protein_obsm_key": "protein_counts"}
+        net = api.prepare_model(task, cells, model=source, encoder="transformer",
+                                transformer=None if source == path else TINY, **keys)
         with pytest.raises(Stop):
-            api.fit(net, api.cells_for(cells, net, label_key="cell_type"),
-                    api.TrainSettings(lr=3e-3, epochs=1, batch_size=16, **settings))
-    assert seen == [(True, 3e-3, pytest.approx(1e-3)), (False, 3e-3, 3e-3), (True, 3e-3, 5e-4)]
+            api.fit(net, api.cells_for(cells, net, **keys), api.TrainSettings(lr=3e-3, epochs=1, batch_size=16,
+                                                                              **settings))
+    assert seen == [(True, 3e-3, pytest.approx(1e-3)), (False, 3e-3, 3e-3), (True, 3e-3, 5e-4),
+                    (True, 3e-3, pytest.approx(3e-4)), (False, 3e-3, 3e-3)]
+
+
+def test_cell_type_classifiers_on_the_transformer_have_a_wide_path_by_default(checkpoint, cite):
+    """The transformer's cell-type classifier adds a linear model of the log-normalised HVGs to its logits unless
+    the head config turns it off; the MLP encoder and the protein regressor have none unless asked."""
+    path, _ = checkpoint
+    cells = cite[0][:64].copy()
+
+    def wide(task, **kw):
+        keys = {"label_key": "cell_type"} if task == "cell-type" else {"protein_obsm_key": "protein_counts"}
+        net = api.prepare_model(task, cells, n_top_genes=50, **keys, **kw)
+        return net.config.wide_path, len(net.config.gene_panel or []), net
+
+    flag, panel, net = wide("cell-type", model=path)
+    assert (flag, panel) == (True, 50)
+    # the collator feeds the wide path its panel counts (the head raises without them)
+    assert api.outputs(cells[:8], net)["logits"].shape == (8, net.config.num_labels)
+    assert wide("cell-type", model=path, head={"wide_path": False})[0] is False
+    assert wide("cell-type", model="none", encoder="mlp")[0] is False
+    assert wide("adt", model=path)[:2] == (False, 0)
+    assert wide("adt", model=path, head={"wide_path": True})[:2] == (True, 50)
 
 
 def test_pretrained_models_tokenization_is_the_default(checkpoint, cite, tmp_path):

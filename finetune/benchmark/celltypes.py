@@ -5,7 +5,9 @@ fraction below 1, the labelled cells are a per-class share of the training cells
 
 - the supervised arms (majority class, L1 logistic regression and a scikit-learn MLP on log-normalised HVGs, the
   express classifier on the MLP encoder and on the transformer, pretrained and from random weights) train on the
-  labelled cells only;
+  labelled cells only. The transformer arms ``express_pretrained`` and ``express_random_init`` are the transformer
+  alone (``wide_path`` off); ``express_pretrained_wide`` is the library's default cell-type recipe, the pretrained
+  transformer with its wide path (a linear model on the log-normalised HVGs added to its logits);
 - the semi-supervised arms see every training cell, the unlabelled ones without their label: express's VAE with a
   mixture prior (MLP encoder; its ``p(c|z)`` classifies) and scANVI (which also sees the held-out cells'
   RNA, unlabelled, as in its documented label-transfer use).
@@ -50,7 +52,9 @@ def celltypes(bench: Bench, name: str, seed: int) -> dict:
     train, test = train_test(bench, name, seed)
     y_all = data.labels(train.obs)
     truth = data.labels(test.obs)
-    transformer_arms = express_arms(bench, seed, bench.budget.transformer_steps)
+    library = express_arms(bench, seed, bench.budget.transformer_steps)
+    transformer_arms = {arm: {**kwargs, "head": {"wide_path": False}} for arm, kwargs in library.items()}
+    transformer_arms["express_pretrained_wide"] = library["express_pretrained"]
     out, masks = {}, []
     for fraction in bench.budget.label_fractions:
         rows = label_subset(y_all, fraction, seed)
