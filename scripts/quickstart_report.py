@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     x_train, x_test, _ = baselines.log_normalized_features(train, test)
     rows = {
         "express (pretrained, fine-tuned)": json.loads((demo / "celltype" / "metrics.json").read_text()),
-        "  the transformer alone (no wide path)": json.loads(
+        "  transformer alone (no wide path)": json.loads(
             (demo / "celltype_transformer" / "metrics.json").read_text()),
         "L1 logistic regression": {
             "accuracy": M.accuracy(truth, pred := baselines.l1_logistic_regression(x_train, y_train, x_test)),
