@@ -57,6 +57,11 @@ def test_pretrained_encoder_loads_with_its_vocabulary_and_freezes(checkpoint, ci
         api.prepare_model("cell-type", cite[0], model=path, encoder="mlp", label_key="cell_type")
 
 
+def _task_keys(task: str) -> dict:
+    """What ``prepare_model`` and ``cells_for`` read for a cell-type or protein task on the CITE-seq fixture."""
+    return {"label_key": "cell_type"} if task == "cell-type" else {"protein_obsm_key": "protein_counts"}
+
+
 def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint, cite, monkeypatch):
     """The default ``encoder_lr``: ``lr / 3`` for a pretrained encoder under a classifier, ``lr / 10`` under the
     protein regression head, ``lr`` for one from random weights; an explicit value wins."""
@@ -77,7 +82,7 @@ def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint
     runs = (("cell-type", path, {}), ("cell-type", "none", {}), ("cell-type", path, {"encoder_lr": 5e-4}),
             ("adt", path, {}), ("adt", "none", {}))
     for task, source, settings in runs:
-        keys = {"label_key": "cell_type"} if task == "cell-type" else {"protein_obsm_key": "protein_counts"}
+        keys = _task_keys(task)
         net = api.prepare_model(task, cells, model=source, encoder="transformer",
                                 transformer=None if source == path else TINY, **keys)
         with pytest.raises(Stop):
@@ -94,7 +99,7 @@ def test_cell_type_classifiers_on_the_transformer_have_a_wide_path_by_default(ch
     cells = cite[0][:64].copy()
 
     def wide(task, **kw):
-        keys = {"label_key": "cell_type"} if task == "cell-type" else {"protein_obsm_key": "protein_counts"}
+        keys = _task_keys(task)
         net = api.prepare_model(task, cells, n_top_genes=50, **keys, **kw)
         return net.config.wide_path, len(net.config.gene_panel or []), net
 
