@@ -75,11 +75,12 @@ class FinetuneArgs:
     dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP encoder and heads"})
     input_dropout: float = field(default=0.0, metadata={"help": "dropout on the MLP encoder's input genes"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cell-type loss"})
-    wide_path: bool | None = field(default=None, metadata={
-        "nargs": "?", "const": True,
+    wide_path: Literal["true", "false", "auto"] | None = field(default=None, metadata={
+        "nargs": "?", "const": "true",
         "help": "a linear model on the log-normalised HVGs (--n_top_genes) added to the head's output (a 'wide' path "
-                "beside the encoder). Default: on for cell types with the transformer encoder (false: the transformer "
-                "alone), off for protein regression"})
+                "beside the encoder); auto: trained with and without, the better on the validation cells kept. "
+                "Default: auto for cell types with the transformer encoder (false: the transformer alone), off for "
+                "protein regression"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the lower N transformer layers; -1 = all"})
     # transformer built from scratch (--model none)
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
@@ -138,7 +139,7 @@ class FinetuneArgs:
             fields["label_smoothing"] = self.label_smoothing
         is_vae = self.task == "vae" or (self.task == "adt" and self.protein_head == "nb")
         if self.wide_path is not None and not is_vae:
-            fields["wide_path"] = self.wide_path
+            fields["wide_path"] = {"true": True, "false": False}.get(self.wide_path, self.wide_path)
         if is_vae:
             fields.update(n_latent=self.n_latent, covariance=self.covariance, likelihood=self.likelihood,
                           dispersion=self.dispersion, objective=self.objective, n_importance_samples=self.n_samples,

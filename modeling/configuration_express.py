@@ -141,7 +141,8 @@ class ExpressConfig(PretrainedConfig):
         wide_path (`bool`, defaults to `False`):
             :class:`ExpressForCellClassification` adds a linear model on ``log1p(counts / library * 1e4)`` of
             ``gene_panel`` to the head's output (a "wide" path beside the encoder; with the transformer encoder it
-            needs ``gene_panel``). ``finetune.api`` turns it on for cell-type classifiers on the transformer.
+            needs ``gene_panel``). ``finetune.api`` chooses it for cell-type classifiers on the transformer
+            (trained with and without, kept when its validation cells score better).
         classifier_hidden_size (`int`, *optional*):
             A hidden layer (with GELU) in :class:`ExpressForCellClassification`; ``None``: one linear layer.
         class_weights (`list[float]`, *optional*):

@@ -2,7 +2,7 @@
 # The main job on the built-in default data (scanpy's pbmc68k_reduced, turned back into raw counts), end to end:
 # set up .venv on first run, tokenize, pretrain a small encoder with the default recipe (MLM + MCV + contrastive),
 # fine-tune it for cell types on a fixed 80/20 split with the default fine-tuning recipe (and the transformer alone,
-# without its wide path), and compare with L1 logistic regression. Every setting is the library's default; only the
+# without a wide path), and compare with L1 logistic regression. Every setting is the library's default; only the
 # data, the output folders and the pretraining length (150 steps, express-pretrain's own default) are given. A few
 # minutes on a 2-core CPU once set up.
 # Outputs go to ./express_demo (override with EXPRESS_DEMO_DIR); every step overwrites its previous output.
@@ -28,7 +28,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 echo "== 3/4 fine-tune cell types from the pretrained encoder (test: the held-out 20%) =="
 express-finetune --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
   --split_key split --test_values test --label_key cell_type --output_dir "$OUT/celltype" --overwrite
-# the same without the default's wide path (a linear model on HVGs beside the transformer): the transformer alone
+# the same without a wide path (the default tries a linear model on HVGs beside the transformer): the transformer alone
 express-finetune --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
   --split_key split --test_values test --label_key cell_type --output_dir "$OUT/celltype_transformer" --overwrite \
   --wide_path false

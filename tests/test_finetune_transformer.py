@@ -92,25 +92,79 @@ def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint
                     (True, 3e-3, pytest.approx(3e-4)), (False, 3e-3, 3e-3)]
 
 
-def test_cell_type_classifiers_on_the_transformer_have_a_wide_path_by_default(checkpoint, cite):
-    """The transformer's cell-type classifier adds a linear model of the log-normalised HVGs to its logits unless
-    the head config turns it off; the MLP encoder and the protein regressor have none unless asked."""
+def test_cell_type_classifiers_on_the_transformer_choose_their_wide_path_by_default(checkpoint, cite):
+    """The transformer's cell-type classifier is built with a linear model of the log-normalised HVGs beside it,
+    for training to keep or drop (``"auto"``), unless the head config forces it; the MLP encoder and the protein
+    regressor have none unless asked."""
     path, _ = checkpoint
     cells = cite[0][:64].copy()
 
     def wide(task, **kw):
         keys = _task_keys(task)
         net = api.prepare_model(task, cells, n_top_genes=50, **keys, **kw)
-        return net.config.wide_path, len(net.config.gene_panel or []), net
+        return net.config.wide_path, len(net.config.gene_panel or []), net.choose_wide_path, net
 
-    flag, panel, net = wide("cell-type", model=path)
-    assert (flag, panel) == (True, 50)
+    flag, panel, choose, net = wide("cell-type", model=path)
+    assert (flag, panel, choose) == (True, 50, True)
     # the collator feeds the wide path its panel counts (the head raises without them)
     assert api.outputs(cells[:8], net)["logits"].shape == (8, net.config.num_labels)
-    assert wide("cell-type", model=path, head={"wide_path": False})[0] is False
-    assert wide("cell-type", model="none", encoder="mlp")[0] is False
-    assert wide("adt", model=path)[:2] == (False, 0)
-    assert wide("adt", model=path, head={"wide_path": True})[:2] == (True, 50)
+    assert wide("cell-type", model=path, head={"wide_path": True})[:3] == (True, 50, False)
+    assert wide("cell-type", model=path, head={"wide_path": False})[:3] == (False, 0, False)
+    assert wide("cell-type", model="none", encoder="mlp")[::2] == (False, False)
+    assert wide("adt", model=path)[:3] == (False, 0, False)
+    assert wide("adt", model=path, head={"wide_path": "auto"})[:3] == (True, 50, True)
+
+
+def test_the_wide_path_is_kept_or_dropped_by_the_validation_cells(checkpoint, cite, tmp_path, monkeypatch):
+    """``wide_path="auto"`` trains with and without the path, from the same start, and keeps the run whose
+    validation cells score better (the path on a tie). Dropped, the model is the transformer alone: no path and no
+    panel, saved, reloaded and predicting as one."""
+    path, _ = checkpoint
+    cells = cite[0][:120].copy()
+    settings = api.TrainSettings(epochs=1, min_steps=4, batch_size=32, seed=0)
+    net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    history = api.fit(net, api.cells_for(cells, net, label_key="cell_type"), settings, progress=False)
+    scores = history[-1]["candidates"]
+    assert history[-1]["wide_path"] is (scores["with"] >= scores["without"])
+    assert net.config.wide_path is history[-1]["wide_path"] and (net.wide is not None) is net.config.wide_path
+
+    import pretrain.loop
+
+    real_train, starts = pretrain.loop.train, []
+
+    def recording_train(model, *args, **kwargs):
+        starts.append(({k: v.clone() for k, v in model.state_dict().items()}, model.wide is not None))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.loop, "train", recording_train)
+
+    def choose(on: bool):
+        """A model whose validation scores are made to favour the path (on) or the transformer alone."""
+        starts.clear()
+        net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50)
+        net.load_state_dict(start)
+        runs = iter([0.5, 0.4 if on else 0.6])  # the run with the path scores 0.5, the one without 0.4 or 0.6
+        monkeypatch.setattr(api, "_best_score", lambda history: next(runs))
+        api.fit(net, api.cells_for(cells, net, label_key="cell_type"), settings, progress=False)
+        return net
+
+    kept = choose(True)
+    assert kept.config.wide_path is True and len(kept.config.gene_panel) == 50
+    assert not torch.equal(kept.wide.weight, start["wide.weight"])  # the path was trained
+    dropped = choose(False)
+    # two runs, the first with the path, the second without, both from the same weights
+    assert [with_path for _, with_path in starts] == [True, False]
+    for state, _ in starts:
+        assert all(torch.equal(value, start[name]) for name, value in state.items())
+    assert set(start) - set(starts[1][0]) == {"wide.weight", "wide.bias"}
+    assert dropped.wide is None and dropped.config.wide_path is False and dropped.config.gene_panel == []
+    assert "wide.weight" not in dropped.state_dict()
+    api.save_model(dropped, tmp_path / "alone")
+    reloaded = api.load_model(tmp_path / "alone")
+    assert reloaded.wide is None and reloaded.config.gene_panel == []
+    np.testing.assert_allclose(api.outputs(cells[:16], reloaded)["logits"], api.outputs(cells[:16], dropped)["logits"],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pretrained_models_tokenization_is_the_default(checkpoint, cite, tmp_path):
