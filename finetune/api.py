@@ -556,7 +556,8 @@ def fit_cell_types(
     with and without the path and keeps the one its validation cells (held-out donors) score better; ``True`` /
     ``False`` force it (``False``: the transformer alone). On held-out training donors of Kang 2018 (never the
     benchmark's test donors) the path raised macro-F1 with 1,000 labelled cells in 4 of 4 paired runs (+0.057 on
-    average) and lost 3 of 4 with 100 (-0.046); the validation cells picked the better of the two in 8 of 8."""
+    average) and lost 3 of 4 with 100 (-0.046); the validation cells picked the better of the two in 8 of 8 (one of
+    them a tie, which keeps the path)."""
     return _train("cell-type", adata, training, model=model, encoder=encoder, label_key=label_key,
                   gene_id_key=gene_id_key, layer=layer, n_top_genes=n_top_genes, freeze_layers=freeze_layers,
                   unlabelled_category=unlabelled_category, head=head, transformer=transformer,
