@@ -26,13 +26,15 @@ weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -371,6 +373,25 @@ def _best_score(history: list[dict]) -> float:
     return next((h["score"] for h in reversed(history) if "best_step" in h), -np.inf)
 
 
+def _keep_best(model: ExpressHeadPreTrainedModel, candidates: Sequence, train_one: Callable[[Any], list[dict]],
+               use: Callable[[Any], None] = lambda candidate: None) -> tuple[Any, list[float], list[dict]]:
+    """Train ``model`` once per candidate from the same start (``use(candidate)`` shapes the model, then
+    ``train_one(candidate)`` trains it and returns its history) and leave it as the run whose validation cells scored
+    best, the first on a tie. Returns that candidate, every candidate's score and the kept run's history."""
+    start = copy.deepcopy(model.state_dict())
+    trials = []
+    for candidate in candidates:
+        use(candidate)
+        model.load_state_dict(start, strict=False)  # a candidate may leave a part out (the wide path)
+        history = train_one(candidate)
+        trials.append((_best_score(history), candidate, copy.deepcopy(model.state_dict()),
+                       copy.deepcopy(model.config.class_weights), history))
+    _, candidate, state, model.config.class_weights, history = max(trials, key=lambda t: t[0])
+    use(candidate)
+    model.load_state_dict(state)
+    return candidate, [t[0] for t in trials], history
+
+
 def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, validation_groups=None,
         cell_spec: TokenizationSpec | None = None, accelerator=None, progress: bool = True) -> list[dict]:
     """Train ``model`` on ``cells`` (:func:`cells_for`) with the shared loop (:func:`pretrain.loop.train`); returns
@@ -378,8 +399,6 @@ def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, va
     scores best on them is kept (:attr:`TrainSettings.selection`; for the VAE from the end of the KL warm-up on).
     A model built with ``wide_path="auto"`` is trained with and without its wide path, and the better is kept.
     ``cell_spec``: how the cells were tokenized, with the genes they measure (thinning re-tokenizes with it)."""
-    import copy
-
     from pretrain.data import CellDataset, LengthGroupedBatchSampler, split_cells
     from pretrain.loop import LoopSettings, train
     from pretrain.pretraining import make_accelerator
@@ -396,37 +415,25 @@ def fit(model: ExpressHeadPreTrainedModel, cells, settings: TrainSettings, *, va
 
         # with and without the wide path from the same start; the validation cells keep one (the path on a tie)
         model.choose_wide_path, wide = False, model.wide
-        start = copy.deepcopy(model.state_dict())
-        trials = []
-        for on in (True, False):
+
+        def use_path(on: bool) -> None:
             model.wide, config.wide_path = (wide if on else None), on
-            model.load_state_dict(start, strict=on)  # without the path, its weights are not the model's
+
+        def with_path(on: bool) -> list[dict]:
             set_seed(settings.seed)  # both runs draw the same random stream: they differ by the path alone
-            history = again(model, settings=settings)
-            trials.append((_best_score(history), on, copy.deepcopy(model.state_dict()),
-                           copy.deepcopy(config.class_weights), history))
-        score, on, state, weights, history = max(trials, key=lambda t: t[0])
-        model.wide, config.wide_path, config.class_weights = (wide if on else None), on, weights
-        model.load_state_dict(state)
+            return again(model, settings=settings)
+
+        on, scores, history = _keep_best(model, (True, False), with_path, use_path)
         if not on and config.encoder == "transformer":  # the transformer alone reads no panel
             config.gene_panel = []
-        logger.info("wide path %s chosen on the validation cells (score %.4f)", "kept" if on else "left out", score)
-        return history + [{"wide_path": on, "candidates": {"with": trials[0][0], "without": trials[1][0]}}]
+        logger.info("wide path %s chosen on the validation cells (scores %s)", "kept" if on else "left out", scores)
+        return history + [{"wide_path": on, "candidates": {"with": scores[0], "without": scores[1]}}]
     if settings.class_weighting == "auto" and classifies:
-        # each weighting trained from the same start; the one the validation cells score best is kept
-        start = copy.deepcopy(model.state_dict())
-        trials = []
-        for method in CLASS_WEIGHTINGS:
-            model.load_state_dict(start)
-            history = again(model, settings=dataclasses.replace(settings, class_weighting=method))
-            trials.append((_best_score(history), method, copy.deepcopy(model.state_dict()),
-                           copy.deepcopy(config.class_weights), history))
-        score, method, state, weights, history = max(trials, key=lambda t: t[0])
-        model.load_state_dict(state)
-        config.class_weights = weights
-        logger.info("class weighting %s chosen on the validation cells (score %.4f)", method, score)
-        return history + [{"class_weighting": method, "candidates": {m: t[0] for t, m in
-                                                                      zip(trials, CLASS_WEIGHTINGS)}}]
+        method, scores, history = _keep_best(
+            model, CLASS_WEIGHTINGS,
+            lambda method: again(model, settings=dataclasses.replace(settings, class_weighting=method)))
+        logger.info("class weighting %s chosen on the validation cells (scores %s)", method, scores)
+        return history + [{"class_weighting": method, "candidates": dict(zip(CLASS_WEIGHTINGS, scores))}]
     if validation_groups is not None and len(np.unique(np.asarray(validation_groups).astype(str))) < 2:
         logger.info("obs[%r] has a single group: validating on random cells instead", settings.validation_key)
         validation_groups = None
