@@ -79,8 +79,11 @@ class FinetuneArgs:
         "nargs": "?", "const": "true",
         "help": "a linear model on the log-normalised HVGs (--n_top_genes) added to the head's output (a 'wide' path "
                 "beside the encoder); auto: trained with and without, the better on the validation cells kept. "
-                "Default: auto for cell types with the transformer encoder (false: the transformer alone), off for "
-                "protein regression"})
+                "Default: true (with --wide_l1) for cell types with the transformer encoder (false: the transformer "
+                "alone), off for protein regression"})
+    wide_l1: float | None = field(default=None, metadata={
+        "help": "L1 penalty on the wide path's weights (wide_l1 * sum |W| added to the loss). Default: the library's "
+                "for cell types on the transformer (finetune.api.WIDE_L1), else 0"})
     freeze_layers: int = field(default=0, metadata={"help": "freeze the lower N transformer layers; -1 = all"})
     # transformer built from scratch (--model none)
     hidden_size: int = field(default=128, metadata={"help": "transformer width when --model none"})
@@ -140,6 +143,8 @@ class FinetuneArgs:
         is_vae = self.task == "vae" or (self.task == "adt" and self.protein_head == "nb")
         if self.wide_path is not None and not is_vae:
             fields["wide_path"] = {"true": True, "false": False}.get(self.wide_path, self.wide_path)
+        if self.wide_l1 is not None and not is_vae:
+            fields["wide_l1"] = self.wide_l1
         if is_vae:
             fields.update(n_latent=self.n_latent, covariance=self.covariance, likelihood=self.likelihood,
                           dispersion=self.dispersion, objective=self.objective, n_importance_samples=self.n_samples,

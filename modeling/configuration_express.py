@@ -141,8 +141,11 @@ class ExpressConfig(PretrainedConfig):
         wide_path (`bool`, defaults to `False`):
             :class:`ExpressForCellClassification` adds a linear model on ``log1p(counts / library * 1e4)`` of
             ``gene_panel`` to the head's output (a "wide" path beside the encoder; with the transformer encoder it
-            needs ``gene_panel``). ``finetune.api`` chooses it for cell-type classifiers on the transformer
-            (trained with and without, kept when its validation cells score better).
+            needs ``gene_panel``). ``finetune.api`` gives it, with ``wide_l1``, to cell-type classifiers on the
+            transformer.
+        wide_l1 (`float`, defaults to 0.0):
+            An L1 penalty on the wide path's weights, ``wide_l1 * sum |W|``, added to the training loss (a sparse
+            linear model on the panel genes, as the L1 logistic-regression baseline; 0: none).
         classifier_hidden_size (`int`, *optional*):
             A hidden layer (with GELU) in :class:`ExpressForCellClassification`; ``None``: one linear layer.
         class_weights (`list[float]`, *optional*):
@@ -214,6 +217,7 @@ class ExpressConfig(PretrainedConfig):
         head_dropout: float = 0.1,
         classifier_hidden_size: int | None = None,
         wide_path: bool = False,
+        wide_l1: float = 0.0,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         protein_norm: str = "clr",
@@ -271,6 +275,7 @@ class ExpressConfig(PretrainedConfig):
         self.head_dropout = float(head_dropout)
         self.classifier_hidden_size = None if classifier_hidden_size is None else int(classifier_hidden_size)
         self.wide_path = bool(wide_path)
+        self.wide_l1 = float(wide_l1)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.label_smoothing = float(label_smoothing)
         self.protein_norm = protein_norm
@@ -337,6 +342,7 @@ class ExpressConfig(PretrainedConfig):
         check(self.encoder != "mlp" or bool(self.gene_panel), "the MLP encoder needs its input genes (gene_panel)")
         check(self.mlp_hidden_size >= 1 and self.mlp_layers >= 1, "mlp_hidden_size and mlp_layers must be >= 1")
         check(not self.wide_path or bool(self.gene_panel), "the wide path reads gene_panel: give its genes")
+        check(self.wide_l1 >= 0.0, f"wide_l1 must be >= 0, got {self.wide_l1}")
         check(self.classifier_hidden_size is None or self.classifier_hidden_size >= 1,
               f"classifier_hidden_size must be >= 1, got {self.classifier_hidden_size}")
         check(self.class_weights is None or all(w >= 0 for w in self.class_weights),

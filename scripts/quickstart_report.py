@@ -51,12 +51,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'method':<34} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in rows.items():
         print(f"  {name:<34} {m['accuracy']:>8.3f} {m['macro_f1']:>8.3f}")
-    history = json.loads((demo / "celltype" / "history.json").read_text())
-    choice = next((h for h in reversed(history) if "wide_path" in h), None)
-    if choice is not None:  # the default trains with and without its wide path and keeps the better on validation
-        scores = choice["candidates"]
-        print(f"  (the default {'kept' if choice['wide_path'] else 'left out'} its wide path: validation macro-F1 "
-              f"{scores['with']:.3f} with it, {scores['without']:.3f} without)")
     print(f"\noutputs: {demo}/tokens (dataset), {demo}/pretrain/final (model), {demo}/celltype (metrics, plots, model; "
           f"{demo}/celltype_transformer without the wide path)")
     return rows

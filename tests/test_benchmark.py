@@ -52,8 +52,6 @@ def test_quick_benchmark_runs_every_task_and_arm_over_three_seeds(quick_run):
             arms = _arms(results, "celltypes", dataset, fraction)
             assert set(arms) == celltype_arms
             assert all(arms[a]["macro_f1"]["n"] == 3 for a in arms)
-            kept = arms["express_pretrained_default"]["wide_path_kept"]  # the default's choice, every seed
-            assert kept["n"] == 3 and set(kept["values"]) <= {0.0, 1.0}
         zeroshot = _arms(results, "zeroshot", dataset, "embeddings")
         assert {"pca", "bag_of_genes", "scvi", "express_pretrained", "express_random_init"} <= set(zeroshot)
         mll = _arms(results, "probabilistic", dataset, "marginal log-likelihood")

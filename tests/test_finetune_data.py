@@ -86,13 +86,15 @@ def test_command_line_and_config_file(tmp_path):
 
 
 def test_wide_path_flag_leaves_the_default_to_the_library():
-    """No flag: the head config does not set it (cell types on the transformer then choose the wide path on their
-    validation cells, see finetune.api); ``--wide_path false`` turns it off, a bare ``--wide_path`` on, ``auto``
-    chooses; the VAE heads never take it."""
+    """No flag: the head config does not set it or its penalty (cell types on the transformer then have an
+    L1-penalised wide path, see finetune.api); ``--wide_path false`` turns it off, a bare ``--wide_path`` on,
+    ``auto`` chooses; ``--wide_l1`` sets the penalty; the VAE heads never take them."""
     base = ["--task", "cell-type", "--data", "a", "--output_dir", "o", "--label_key", "cell_type"]
     assert "wide_path" not in parse_args(FinetuneArgs, base).head()
     assert parse_args(FinetuneArgs, [*base, "--wide_path", "false"]).head()["wide_path"] is False
     assert parse_args(FinetuneArgs, [*base, "--wide_path"]).head()["wide_path"] is True
     assert parse_args(FinetuneArgs, [*base, "--wide_path", "auto"]).head()["wide_path"] == "auto"
+    assert "wide_l1" not in parse_args(FinetuneArgs, base).head()
+    assert parse_args(FinetuneArgs, [*base, "--wide_l1", "0"]).head()["wide_l1"] == 0.0
     vae = ["--task", "vae", "--data", "a", "--output_dir", "o", "--wide_path"]
     assert "wide_path" not in parse_args(FinetuneArgs, vae).head()

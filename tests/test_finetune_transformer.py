@@ -92,10 +92,10 @@ def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint
                     (True, 3e-3, pytest.approx(3e-4)), (False, 3e-3, 3e-3)]
 
 
-def test_cell_type_classifiers_on_the_transformer_choose_their_wide_path_by_default(checkpoint, cite):
+def test_cell_type_classifiers_on_the_transformer_have_a_sparse_wide_path_by_default(checkpoint, cite):
     """The transformer's cell-type classifier is built with a linear model of the log-normalised HVGs beside it,
-    for training to keep or drop (``"auto"``), unless the head config forces it; the MLP encoder and the protein
-    regressor have none unless asked."""
+    with an L1 penalty on its weights, unless the head config says otherwise (``False``, or ``"auto"`` for training
+    to keep or drop it); the MLP encoder and the protein regressor have none unless asked."""
     path, _ = checkpoint
     cells = cite[0][:64].copy()
 
@@ -105,14 +105,17 @@ def test_cell_type_classifiers_on_the_transformer_choose_their_wide_path_by_defa
         return net.config.wide_path, len(net.config.gene_panel or []), net.choose_wide_path, net
 
     flag, panel, choose, net = wide("cell-type", model=path)
-    assert (flag, panel, choose) == (True, 50, True)
+    assert (flag, panel, choose) == (True, 50, False)
+    assert net.config.wide_l1 == api.WIDE_L1 > 0  # a sparse path, as the L1 logistic-regression baseline
     # the collator feeds the wide path its panel counts (the head raises without them)
     assert api.outputs(cells[:8], net)["logits"].shape == (8, net.config.num_labels)
-    assert wide("cell-type", model=path, head={"wide_path": True})[:3] == (True, 50, False)
+    assert wide("cell-type", model=path, head={"wide_path": "auto"})[:3] == (True, 50, True)
     assert wide("cell-type", model=path, head={"wide_path": False})[:3] == (False, 0, False)
     assert wide("cell-type", model="none", encoder="mlp")[::2] == (False, False)
     assert wide("adt", model=path)[:3] == (False, 0, False)
     assert wide("adt", model=path, head={"wide_path": "auto"})[:3] == (True, 50, True)
+    assert wide("adt", model=path, head={"wide_path": "auto"})[-1].config.wide_l1 == 0.0
+    assert wide("cell-type", model=path, head={"wide_l1": 0.0})[-1].config.wide_l1 == 0.0
 
 
 def test_the_wide_path_is_kept_or_dropped_by_the_validation_cells(checkpoint, cite, tmp_path, monkeypatch):
@@ -122,7 +125,8 @@ def test_the_wide_path_is_kept_or_dropped_by_the_validation_cells(checkpoint, ci
     path, _ = checkpoint
     cells = cite[0][:120].copy()
     settings = api.TrainSettings(epochs=1, min_steps=4, batch_size=32, seed=0)
-    net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50)
+    net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50,
+                            head={"wide_path": "auto"})
     start = {k: v.clone() for k, v in net.state_dict().items()}
     history = api.fit(net, api.cells_for(cells, net, label_key="cell_type"), settings, progress=False)
     scores = history[-1]["candidates"]
@@ -142,7 +146,8 @@ def test_the_wide_path_is_kept_or_dropped_by_the_validation_cells(checkpoint, ci
     def choose(on: bool):
         """A model whose validation scores are made to favour the path (on) or the transformer alone."""
         starts.clear()
-        net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50)
+        net = api.prepare_model("cell-type", cells, model=path, label_key="cell_type", n_top_genes=50,
+                                head={"wide_path": "auto"})
         net.load_state_dict(start)
         runs = iter([0.5, 0.4 if on else 0.6])  # the run with the path scores 0.5, the one without 0.4 or 0.6
         monkeypatch.setattr(api, "_best_score", lambda history: next(runs))

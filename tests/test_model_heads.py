@@ -315,3 +315,22 @@ def test_wide_path_adds_a_linear_model_of_the_log_normalised_panel():
         model(**batch)
     with pytest.raises(ValueError, match="wide path reads gene_panel"):
         tiny_model(ExpressForCellClassification, num_labels=3, wide_path=True)
+
+
+def test_wide_l1_adds_the_l1_norm_of_the_wide_weights_to_the_training_loss_only():
+    batch = collate(make_cells([14, 9, 6]))
+    panel = ["g1", "g2", "g3", "g4", "g5"]
+    model = tiny_model(ExpressForCellClassification, num_labels=3, wide_path=True, gene_panel=panel, wide_l1=0.02,
+                       head_dropout=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0, 7.0], [0.0, 2.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    inputs = dict(batch, gene_counts=counts, total_counts=torch.tensor([100.0, 50.0, 20.0]),
+                  labels=torch.tensor([0, 2, 1]))
+    with torch.no_grad():
+        model.wide.weight.copy_(torch.tensor([[0.5, -1.0, 0.0, 0.0, 0.25]] * 3))  # sum |W| = 3 * 1.75
+        evaluated = model(**inputs)
+        trained = model.train()(**inputs)
+    torch.testing.assert_close(evaluated.loss, F.cross_entropy(evaluated.logits, inputs["labels"]))
+    torch.testing.assert_close(trained.logits, evaluated.logits)  # no dropout: only the loss differs
+    torch.testing.assert_close(trained.loss, evaluated.loss + 0.02 * 5.25)
+    with pytest.raises(ValueError, match="wide_l1 must be >= 0"):
+        tiny_model(ExpressForCellClassification, num_labels=3, wide_path=True, gene_panel=panel, wide_l1=-1.0)

@@ -7,8 +7,7 @@ fraction below 1, the labelled cells are a per-class share of the training cells
   express classifier on the MLP encoder and on the transformer, pretrained and from random weights) train on the
   labelled cells only. The transformer arms ``express_pretrained`` and ``express_random_init`` are the transformer
   alone (``wide_path`` off); ``express_pretrained_default`` is the library's default cell-type recipe, the pretrained
-  transformer trained with and without its wide path (a linear model on the log-normalised HVGs added to its
-  logits), the better on its validation cells kept (``wide_path_kept``: 1 when the path was kept);
+  transformer with its wide path (a linear model on the log-normalised HVGs added to its logits, L1-penalised);
 - the semi-supervised arms see every training cell, the unlabelled ones without their label: express's VAE with a
   mixture prior (MLP encoder; its ``p(c|z)`` classifies) and scANVI (which also sees the held-out cells'
   RNA, unlabelled, as in its documented label-transfer use).
@@ -78,8 +77,6 @@ def celltypes(bench: Bench, name: str, seed: int) -> dict:
                 model = api.fit_cell_types(labelled, label_key=data.label_key, **kwargs)
                 predicted = api.predict_cell_types(test.copy(), model, gene_id_key=kwargs.get("gene_id_key"))
             arms[arm] = {**cell_type_scores(truth, predicted.astype(str).to_numpy()), "seconds": timer.seconds}
-            if "wide_path" in model.history[-1]:  # the default's choice
-                arms[arm]["wide_path_kept"] = float(model.history[-1]["wide_path"])
 
         express("express_mlp_encoder", **mlp_arm(bench, seed))
         for arm, kwargs in transformer_arms.items():
