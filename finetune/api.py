@@ -275,7 +275,7 @@ def prepare_model(
         raise FinetuneDataError(f"obs[{label_key!r}] has a single class ({names}): a classifier needs at least two")
     is_vae = task == "vae" or (task == "adt" and protein_head == "nb")
     fields: dict = {"encoder": encoder}
-    if task == "cell-type" and encoder == "transformer":  # a sparse wide path unless the head config says otherwise
+    if task == "cell-type" and encoder == "transformer":  # an L1-penalised wide path unless the head says
         head = {"wide_path": True, "wide_l1": WIDE_L1, **(head or {})}
     choose_wide = (head or {}).get("wide_path") == "auto"
     if choose_wide:  # built with the path; training keeps it or not (see fit)

@@ -144,8 +144,9 @@ class ExpressConfig(PretrainedConfig):
             needs ``gene_panel``). ``finetune.api`` gives it, with ``wide_l1``, to cell-type classifiers on the
             transformer.
         wide_l1 (`float`, defaults to 0.0):
-            An L1 penalty on the wide path's weights, ``wide_l1 * sum |W|``, added to the training loss (a sparse
-            linear model on the panel genes, as the L1 logistic-regression baseline; 0: none).
+            An L1 penalty on the wide path's weights, ``wide_l1 * sum |W|``, added to the training loss, as in the
+            L1 logistic-regression baseline (0: none). Under AdamW it shrinks most weights to near zero, not to
+            exactly zero.
         classifier_hidden_size (`int`, *optional*):
             A hidden layer (with GELU) in :class:`ExpressForCellClassification`; ``None``: one linear layer.
         class_weights (`list[float]`, *optional*):

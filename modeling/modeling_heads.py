@@ -187,7 +187,7 @@ class ExpressForCellClassification(ExpressHeadPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
             if self.training and self.wide is not None and self.config.wide_l1 > 0:
-                # a sparse wide path: most genes say nothing about a cell type, as in L1 logistic regression
+                # shrink the wide path: most genes say nothing about a cell type, as in L1 logistic regression
                 loss = loss + self.config.wide_l1 * self.wide.weight.abs().sum()
         return CellClassifierOutput(loss=loss, logits=logits, embedding=embedding)
 

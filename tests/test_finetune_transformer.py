@@ -92,7 +92,7 @@ def test_a_pretrained_encoder_fine_tunes_at_a_third_of_the_heads_rate(checkpoint
                     (True, 3e-3, pytest.approx(3e-4)), (False, 3e-3, 3e-3)]
 
 
-def test_cell_type_classifiers_on_the_transformer_have_a_sparse_wide_path_by_default(checkpoint, cite):
+def test_cell_type_classifiers_on_the_transformer_have_an_l1_penalised_wide_path_by_default(checkpoint, cite):
     """The transformer's cell-type classifier is built with a linear model of the log-normalised HVGs beside it,
     with an L1 penalty on its weights, unless the head config says otherwise (``False``, or ``"auto"`` for training
     to keep or drop it); the MLP encoder and the protein regressor have none unless asked."""
@@ -106,7 +106,7 @@ def test_cell_type_classifiers_on_the_transformer_have_a_sparse_wide_path_by_def
 
     flag, panel, choose, net = wide("cell-type", model=path)
     assert (flag, panel, choose) == (True, 50, False)
-    assert net.config.wide_l1 == api.WIDE_L1 > 0  # a sparse path, as the L1 logistic-regression baseline
+    assert net.config.wide_l1 == api.WIDE_L1 > 0  # penalised, as the L1 logistic-regression baseline
     # the collator feeds the wide path its panel counts (the head raises without them)
     assert api.outputs(cells[:8], net)["logits"].shape == (8, net.config.num_labels)
     assert wide("cell-type", model=path, head={"wide_path": "auto"})[:3] == (True, 50, True)
