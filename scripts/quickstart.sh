@@ -28,7 +28,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 echo "== 3/4 fine-tune cell types from the pretrained encoder (test: the held-out 20%) =="
 express-finetune --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
   --split_key split --test_values test --label_key cell_type --output_dir "$OUT/celltype" --overwrite
-# the same without a wide path (the default adds an L1-penalised linear model on HVGs to the transformer): the transformer alone
+# the same without a wide path (the default adds an L1-penalised linear model on HVGs): the transformer alone
 express-finetune --task cell-type --model "$OUT/pretrain/final" --data "$OUT/pbmc68k_counts.h5ad" \
   --split_key split --test_values test --label_key cell_type --output_dir "$OUT/celltype_transformer" --overwrite \
   --wide_path false
