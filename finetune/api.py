@@ -568,8 +568,8 @@ def fit_cell_types(
     transformer alone and ``"auto"`` trains with and without the path and keeps the one its validation cells score
     better. Chosen on held-out training donors of Kang 2018 (never the benchmark's test donors), 4 runs (2 donors x 2
     seeds) per setting, macro-F1 against the transformer alone: with 1,000 labelled cells the unpenalised path gained
-    +0.056 and the L1 path +0.071 (4 of 4); with 100, the unpenalised path lost -0.046 (won 1 of 4) and the L1 path
-    gained +0.067 (4 of 4). The penalty was scanned over 1e-4 to 1e-1 (best summed gain at 3e-2)."""
+    +0.056 and the L1 path (0.03) +0.070 (4 of 4); with 100, the unpenalised path lost -0.046 (won 1 of 4) and the L1
+    path gained +0.051 (3 of 4). The penalty was scanned from 1e-4 to about 0.1 (the best summed gain near 0.03)."""
     return _train("cell-type", adata, training, model=model, encoder=encoder, label_key=label_key,
                   gene_id_key=gene_id_key, layer=layer, n_top_genes=n_top_genes, freeze_layers=freeze_layers,
                   unlabelled_category=unlabelled_category, head=head, transformer=transformer,
